@@ -1,7 +1,20 @@
 """Data layer: reading and validation, id maps, leave-one-out splits, samplers, feature stores."""
 
 from acfrec.data.idmap import IdMap
+from acfrec.data.interactions import Interactions
+from acfrec.data.io import read_interactions
 from acfrec.data.sampler import BPRBatch, BPRSampler, sample_negatives
 from acfrec.data.split import Split
+from acfrec.data.splitting import TIE_RULES, leave_one_out
 
-__all__ = ["IdMap", "Split", "BPRSampler", "BPRBatch", "sample_negatives"]
+__all__ = [
+    "IdMap",
+    "Interactions",
+    "read_interactions",
+    "Split",
+    "leave_one_out",
+    "TIE_RULES",
+    "BPRSampler",
+    "BPRBatch",
+    "sample_negatives",
+]
