@@ -92,18 +92,22 @@ class TrainData:
         if isinstance(train, TrainData):
             return train
         if isinstance(train, Split):
-            return cls(train.train, train.valid_items if valid is None else valid, train.train_frame, train)
+            cls._check_valid(valid, train.n_users)
+            return cls(train.train, train.valid_items if valid is None else np.asarray(valid, dtype=np.int64),
+                       train.train_frame, train)
         if sp.issparse(train):
             matrix = sp.csr_matrix(train, dtype=np.float32)
             matrix.data[:] = 1.0
-            if valid is not None and np.asarray(valid).shape != (matrix.shape[0],):
-                raise DataValidationError(
-                    f"valid must have shape (n_users,) = ({matrix.shape[0]},), got {np.asarray(valid).shape}"
-                )
+            cls._check_valid(valid, matrix.shape[0])
             return cls(matrix, None if valid is None else np.asarray(valid, dtype=np.int64))
         raise DataValidationError(
             f"fit expects a Split or a scipy sparse (n_users, n_items) matrix, got {type(train).__name__}"
         )
+
+    @staticmethod
+    def _check_valid(valid: np.ndarray | None, n_users: int) -> None:
+        if valid is not None and np.asarray(valid).shape != (n_users,):
+            raise DataValidationError(f"valid must have shape (n_users,) = ({n_users},), got {np.asarray(valid).shape}")
 
 
 class Recommender(ABC):
@@ -142,8 +146,14 @@ class Recommender(ABC):
         data = TrainData.coerce(train, valid)
         if data.train.nnz == 0:
             raise DataValidationError("cannot fit on an empty training matrix (no interactions)")
+        # Set before _fit because training evaluates through score_all; undone on failure so a
+        # half-trained model never looks fitted.
         self.seen = data.train
-        self._fit(data)
+        try:
+            self._fit(data)
+        except BaseException:
+            self.seen = None
+            raise
         return self
 
     @abstractmethod
@@ -189,7 +199,7 @@ class Recommender(ABC):
         users = np.asarray(users, dtype=np.int64).reshape(-1)
         items = np.asarray(items, dtype=np.int64)
         if items.ndim == 1:
-            items = np.broadcast_to(items, (users.size, items.size))
+            items = np.repeat(items[None, :], users.size, axis=0)
         if items.ndim != 2 or items.shape[0] != users.size:
             raise DataValidationError(
                 f"items must have shape (n_candidates,) or (n_users, n_candidates) = ({users.size}, m), got {items.shape}"
@@ -367,7 +377,9 @@ class TorchRecommender(Recommender):
     def score_all(self, users: np.ndarray) -> torch.Tensor:
         self._require_fitted()
         assert self.module is not None
-        users_t = torch.as_tensor(np.asarray(users, dtype=np.int64), device=self.device)
+        users = np.asarray(users, dtype=np.int64).reshape(-1)
+        check_indices(users, self.n_users, "user")
+        users_t = torch.as_tensor(users, device=self.device)
         was_training = self.module.training
         self.module.eval()
         try:
