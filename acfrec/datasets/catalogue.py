@@ -14,11 +14,15 @@ from __future__ import annotations
 import gzip
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
 
 from acfrec.errors import DataValidationError
+
+if TYPE_CHECKING:
+    from acfrec.data.components import ComponentStore
 
 _IDX_IMAGES_MAGIC, _IDX_LABELS_MAGIC = 2051, 2049
 
@@ -89,7 +93,7 @@ class Catalogue:
 
         return pca_pixels(self.frames, dim=dim, seed=seed), self.item_offsets
 
-    def write_store(self, path: str | Path, dim: int = 32, seed: int = 0):  # -> ComponentStore
+    def write_store(self, path: str | Path, dim: int = 32, seed: int = 0) -> ComponentStore:
         """Write the pixel-PCA frame features as a :class:`~acfrec.data.components.ComponentStore`."""
         from acfrec.data.components import ComponentStore
 

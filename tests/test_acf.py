@@ -1,0 +1,247 @@
+"""ACF: exact target exclusion, training, ablations, content paths, persistence, planted recovery."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from acfrec.data.components import AlignedComponents
+from acfrec.data.interactions import Interactions
+from acfrec.data.splitting import leave_one_out
+from acfrec.datasets.catalogue import planted_catalogue
+from acfrec.eval.evaluate import evaluate
+from acfrec.models import Recommender, TrainData, get_model
+from acfrec.models.acf import ACF, _select, build_history
+
+FAST = dict(progress=False, seed=0, dim=32, attention_dim=16, epochs=4, patience=0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These tensors are small: one thread is faster than two fighting over a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    catalogue = planted_catalogue(n_users=300, n_items=150, seed=1)
+    split = leave_one_out(Interactions.from_frame(catalogue.interactions, timestamp_col="timestamp"), seed=0)
+    store = catalogue.write_store(tmp_path_factory.mktemp("acf") / "store", dim=32)
+    return catalogue, split, store, store.align(split.items, max_components=8)
+
+
+def _shell(split, aligned, **config) -> ACF:
+    """An untrained ACF with non-trivial (random) attention, for exact-arithmetic checks."""
+    model = ACF(components=aligned, **{**FAST, **config})
+    model.seen = split.train if hasattr(split, "train") else split
+    model.module = model._build(TrainData.coerce(split))
+    torch.manual_seed(5)
+    for layer in (model.module.att_out, getattr(model.module, "comp_out", None)):
+        if layer is not None:
+            torch.nn.init.normal_(layer.weight, std=3.0)
+    return model
+
+
+def _brute_force_vectors(model: ACF, users: torch.Tensor, excluded: torch.Tensor) -> torch.Tensor:
+    """``u + sum alpha p`` with ``excluded`` dropped from each history and the softmax recomputed."""
+    net = model.module
+    logits, user, _ = net.attend(users)
+    history = net.history[users]
+    logits = logits.masked_fill(history == excluded[:, None], -torch.inf)
+    valid = torch.isfinite(logits)
+    norm = torch.logsumexp(logits, dim=1, keepdim=True)
+    alpha = torch.exp(logits - model.config.history_smoothing * norm)
+    alpha = torch.where(valid, alpha, torch.zeros_like(alpha))
+    return user + torch.einsum("nh,nhd->nd", alpha, net.history_item(history))
+
+
+@pytest.mark.parametrize("smoothing", [1.0, 0.5])
+def test_positive_is_removed_exactly_from_its_history(planted, smoothing):
+    _, split, _, aligned = planted
+    model = _shell(split, aligned, history_smoothing=smoothing)
+    net = model.module
+    rng = np.random.default_rng(0)
+    users = torch.as_tensor(rng.choice(split.n_users, size=64, replace=False))
+    with torch.no_grad():
+        logits, _, _ = net.attend(users)
+        top = net.history[users, logits.argmax(dim=1)]
+        lengths = net.history_mask[users].sum(dim=1)
+        random_slot = torch.as_tensor(rng.integers(0, lengths.numpy()))
+        other = net.history[users, random_slot]
+        # Every user twice: once with its top-attention item as the target, once another item.
+        rows_users = torch.cat([users, users])
+        positives = torch.cat([top, other])
+        distinct, row_user = torch.unique(rows_users, return_inverse=True)
+        pooled = net.pool(distinct)
+        fast = net.user_vectors(_select(pooled, row_user), exclude=positives)
+        slow = _brute_force_vectors(model, rows_users, positives)
+        full = net.user_vectors(pooled)[row_user]
+    assert (top != other).sum() > 30
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
+    assert (fast - full).abs().max() > 1e-3  # the exclusion really changed something
+
+
+def test_exclusion_of_a_lone_item_leaves_the_user_vector():
+    train = sp.csr_matrix(np.array([[1, 0, 0, 0], [1, 1, 0, 1], [0, 1, 1, 0]], dtype=np.float32))
+    model = _shell(train, None, use_content=False, history_smoothing=0.5)
+    net = model.module
+    users, positives = torch.tensor([0, 1, 1, 2]), torch.tensor([0, 3, 0, 2])
+    with torch.no_grad():
+        distinct, row_user = torch.unique(users, return_inverse=True)
+        fast = net.user_vectors(_select(net.pool(distinct), row_user), exclude=positives)
+        slow = _brute_force_vectors(model, users, positives)
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fast[0], net.user.weight[0])
+
+
+def test_history_keeps_most_recent_items_or_a_seeded_sample(planted):
+    _, split, _, _ = planted
+    history, mask = build_history(TrainData.coerce(split), max_history=5)
+    frame = split.train_frame.filter(split.train_frame["user"] == 7)
+    expected = frame.sort("timestamp")["item"].to_numpy()[-5:]
+    np.testing.assert_array_equal(history[7][mask[7]].numpy(), expected)
+    sampled, sampled_mask = build_history(TrainData(split.train), max_history=5, seed=1)
+    again, _ = build_history(TrainData(split.train), max_history=5, seed=1)
+    assert torch.equal(sampled, again) and sampled_mask.sum(dim=1).max() == 5
+    row = split.train[7].indices
+    assert set(sampled[7][sampled_mask[7]].tolist()) <= set(row.tolist())
+
+
+def test_trains_loss_falls_and_explains(planted):
+    _, split, _, aligned = planted
+    model = ACF(components=aligned, **{**FAST, "epochs": 6})
+    model.fit(split)
+    losses = [entry["loss"] for entry in model.history]
+    assert losses[-1] < 0.8 * losses[0]
+    explanation = model.explain(user=3, item=10, top_items=4, top_components=2)
+    assert explanation["score"] == pytest.approx(float(model.score([3], [10])[0, 0]), rel=1e-5)
+    entries = explanation["history"]
+    assert 1 <= len(entries) <= 4
+    assert [e["alpha"] for e in entries] == sorted((e["alpha"] for e in entries), reverse=True)
+    seen = set(split.train[3].indices.tolist())
+    for entry in entries:
+        assert entry["item"] in seen and 1 <= len(entry["components"]) <= 2
+        n_components = int(aligned.mask[entry["item"]].sum())
+        assert all(0 <= c["component"] < n_components and 0 < c["beta"] <= 1 for c in entry["components"])
+    att = model.attention([3])
+    assert np.isclose(att["beta"][0][att["history"][0] >= 0].sum(axis=1), 1.0, atol=1e-5).all()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"component_attention": False},
+        {"item_attention": False},
+        {"use_content": False},
+        {"history_smoothing": 1.0, "max_history": 4, "max_components": 2},
+    ],
+)
+def test_ablations_train_and_score(planted, options):
+    _, split, _, aligned = planted
+    model = ACF(components=aligned, **{**FAST, "epochs": 2, **options}).fit(split)
+    scores = model.score_all(np.arange(split.n_users))
+    assert scores.shape == (split.n_users, split.n_items) and torch.isfinite(scores).all()
+    att = model.attention([0, 1])
+    if options.get("component_attention") is False:
+        beta = att["beta"][att["history"] >= 0]
+        expected = 1.0 / np.maximum(aligned.mask[att["history"][att["history"] >= 0]].sum(-1).numpy(), 1)
+        np.testing.assert_allclose(beta.max(axis=1), expected, rtol=1e-5)
+    if options.get("item_attention") is False:
+        lengths = (att["history"] >= 0).sum(axis=1)
+        np.testing.assert_allclose(att["alpha"].max(axis=1), lengths ** -0.5, rtol=1e-5)
+    if options.get("use_content") is False:
+        assert "beta" not in att and not model.module.has_content
+
+
+def test_items_without_content_train_and_score_finitely(planted):
+    _, split, _, aligned = planted
+    mask = aligned.mask.clone()
+    mask[::3] = False  # a third of the catalogue has no content
+    partial = AlignedComponents(aligned.features * mask[..., None], mask)
+    model = ACF(components=partial, **FAST).fit(split)
+    scores = model.score_all(np.arange(split.n_users))
+    assert torch.isfinite(scores).all()
+    untrained = ACF(components=partial, **FAST)._build(TrainData.coerce(split))
+    assert not torch.allclose(model.module.no_content, untrained.no_content)  # it learned
+    user = int(np.flatnonzero(np.isin(np.arange(split.n_users), split.train[:, ::3].nonzero()[0]))[0])
+    att = model.attention([user])
+    empty = att["history"][0] % 3 == 0
+    assert (att["history"][0][empty] >= 0).any()
+    assert not att["beta"][0][empty & (att["history"][0] >= 0)].any()
+
+
+def test_save_load_gives_identical_scores(planted, tmp_path):
+    _, split, _, aligned = planted
+    model = ACF(components=aligned, **FAST).fit(split)
+    model.save(tmp_path / "acf")
+    loaded = Recommender.load(tmp_path / "acf")
+    users = np.arange(split.n_users)
+    assert isinstance(loaded, ACF)
+    torch.testing.assert_close(loaded.score_all(users), model.score_all(users), rtol=0, atol=0)
+    assert torch.equal(loaded.module.features, model.module.features)
+    assert loaded.explain(2, 5) == model.explain(2, 5)
+
+
+def test_components_path_and_missing_content(planted, caplog):
+    _, split, store, _ = planted
+    by_path = ACF(components_path=str(store.path), **{**FAST, "epochs": 1}).fit(split)
+    assert by_path.module.has_content and by_path.module.features.shape[0] == split.n_items
+    with caplog.at_level(logging.WARNING):
+        plain = get_model("acf")(**{**FAST, "epochs": 1}).fit(split)
+    assert "no components given" in caplog.text and not plain.module.has_content
+    with pytest.raises(Exception, match="aligned components cover 3 items"):
+        ACF(components=AlignedComponents(torch.zeros(3, 2, 4), torch.ones(3, 2, dtype=torch.bool)), **FAST).fit(split)
+
+
+@pytest.fixture(scope="module")
+def trained(planted):
+    _, split, _, aligned = planted
+    acf = ACF(components=aligned, progress=False, seed=0, epochs=30, patience=5).fit(split)
+    pop = get_model("itempop")().fit(split)
+    return acf, pop
+
+
+def test_acf_beats_itempop_on_the_planted_catalogue(planted, trained):
+    _, split, _, _ = planted
+    acf, pop = trained
+    hr = {
+        name: evaluate(model, split, protocols=("full",), ks=(10,)).metrics["full"]["HR@10"]
+        for name, model in (("acf", acf), ("itempop", pop))
+    }
+
+    assert hr["acf"] > hr["itempop"] + 0.08, hr
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="measured: component attention stays near uniform on planted catalogues "
+    "(liked-frame beta mass / uniform share ~0.95-1.0, target >= 2); see the ACF report",
+)
+def test_component_attention_prefers_liked_frames(planted, trained):
+    catalogue, split, _, aligned = planted
+    acf, _ = trained
+    users = split.eval_users("test")
+    att = acf.attention(users)
+    history, beta = att["history"], att["beta"]
+    store_item = np.array([int(x[1:]) for x in split.items.external_ids])[np.maximum(history, 0)]
+    external_user = np.array([int(x[1:]) for x in split.users.external_ids])[users]
+    width = beta.shape[2]
+    count = np.minimum(np.diff(catalogue.item_offsets)[store_item], width)
+    slots = np.arange(width)
+    frames = np.where(
+        (slots < count[..., None]) & (history >= 0)[..., None],
+        catalogue.item_offsets[store_item][..., None] + slots,
+        -1,
+    )
+    liked = catalogue.truth.liked_frames(external_user, frames)
+    real = history >= 0
+    uniform_share = (liked.sum(-1) / np.maximum(count, 1))[real].mean()
+    beta_mass = (beta * liked).sum(-1)[real].mean()
+    assert beta_mass >= 2 * uniform_share, (beta_mass, uniform_share)

@@ -1,0 +1,123 @@
+"""Planted multimedia catalogue: determinism, ground truth, real images (digits and MNIST)."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from acfrec.datasets.catalogue import load_digits_images, load_mnist_idx, planted_catalogue
+from acfrec.errors import DataValidationError
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+MNIST_IMAGES = SHARED / "mnist" / "t10k-images-idx3-ubyte.gz"
+
+
+@pytest.fixture(scope="module")
+def catalogue():
+    return planted_catalogue(n_users=300, n_items=150, seed=3)
+
+
+def _dense(catalogue) -> tuple[np.ndarray, np.ndarray]:
+    frame = catalogue.interactions
+    return (
+        frame["user"].str.slice(1).cast(pl.Int64).to_numpy(),
+        frame["item"].str.slice(1).cast(pl.Int64).to_numpy(),
+    )
+
+
+def test_same_seed_same_catalogue_other_seed_differs(catalogue):
+    again = planted_catalogue(n_users=300, n_items=150, seed=3)
+    other = planted_catalogue(n_users=300, n_items=150, seed=4)
+    assert again.interactions.equals(catalogue.interactions)
+    np.testing.assert_array_equal(again.frames, catalogue.frames)
+    np.testing.assert_array_equal(again.item_offsets, catalogue.item_offsets)
+    assert not other.interactions.equals(catalogue.interactions)
+
+
+def test_frames_are_real_digit_images_of_their_recorded_class(catalogue):
+    images, labels = load_digits_images()
+    truth = catalogue.truth
+    assert catalogue.frames.shape == (catalogue.item_offsets[-1], 8, 8) and catalogue.frames.dtype == np.uint8
+    np.testing.assert_array_equal(catalogue.frames, images[truth.frame_image])
+    np.testing.assert_array_equal(labels[truth.frame_image], truth.frame_class)
+    per_item = np.diff(catalogue.item_offsets)
+    assert per_item.min() >= 3 and per_item.max() <= 6
+    # About half the frames show the item's dominant class, the rest other classes.
+    frame_item = np.repeat(np.arange(catalogue.n_items), per_item)
+    dominant = truth.frame_class == truth.item_class[frame_item]
+    assert 0.4 < dominant.mean() < 0.6
+    assert len(np.unique(truth.frame_class)) == 10
+
+
+def test_interactions_follow_liked_classes_with_popularity_and_time(catalogue):
+    truth = catalogue.truth
+    users, items = _dense(catalogue)
+    frame = catalogue.interactions
+    assert frame.columns == ["user", "item", "timestamp"]
+    assert frame.select(pl.struct("user", "item").is_unique().all()).item()
+    counts = np.bincount(users, minlength=300)
+    assert counts.min() >= 10 and counts.max() <= 30
+    assert truth.user_classes.sum(axis=1).tolist() == [2] * 300
+    # Chosen items show far more liked frames than the catalogue on average; noise ones do not.
+    chosen = truth.affinity[users, items]
+    assert chosen[~truth.noise].mean() > 2.5 * truth.affinity.mean()
+    # Noise draws ignore preferences (and miss the already chosen, liked items): no lift at all.
+    assert chosen[truth.noise].mean() < truth.affinity.mean()
+    assert 0.1 < truth.noise.mean() < 0.2
+    popularity = np.sort(np.bincount(items, minlength=150))[::-1]
+    assert popularity[:5].mean() > 3 * np.median(popularity)
+    order = np.lexsort((frame["timestamp"].to_numpy(), users))
+    np.testing.assert_array_equal(order, np.arange(users.size))  # sorted by user then time
+    same_user = users[1:] == users[:-1]
+    assert (np.diff(frame["timestamp"].to_numpy())[same_user] > 0).all()
+
+
+def test_liked_frames_uses_user_classes(catalogue):
+    truth = catalogue.truth
+    frames = np.array([[0, 1, -1], [2, 3, 4]])
+    liked = truth.liked_frames(np.array([5, 7]), frames)
+    assert liked.shape == (2, 3) and not liked[0, 2]
+    for row, user in enumerate([5, 7]):
+        for col in range(3):
+            if frames[row, col] >= 0:
+                assert liked[row, col] == truth.user_classes[user, truth.frame_class[frames[row, col]]]
+
+
+def test_store_from_catalogue(tmp_path, catalogue):
+    store = catalogue.write_store(tmp_path / "store", dim=16)
+    assert store.n_items == 150 and store.dim == 16 and store.meta["encoder"] == "pca_pixels"
+    np.testing.assert_array_equal(store.offsets, catalogue.item_offsets)
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(DataValidationError, match="frames_per_item"):
+        planted_catalogue(n_users=10, n_items=20, frames_per_item=(4, 2))
+    with pytest.raises(DataValidationError, match="n_classes=12 needs labels 0..11"):
+        planted_catalogue(n_users=10, n_items=20, n_classes=12)
+    with pytest.raises(DataValidationError, match="images must be"):
+        planted_catalogue(n_users=10, n_items=20, images=(np.zeros((5, 4)), np.zeros(5)))
+
+
+def test_load_mnist_idx_rejects_other_files(tmp_path):
+    fake = tmp_path / "t10k-images-idx3-ubyte.gz"
+    with gzip.open(fake, "wb") as handle:
+        handle.write((1234).to_bytes(4, "big") + bytes(20))
+    with pytest.raises(DataValidationError, match="not an IDX file with magic 2051 \\(found 1234\\)"):
+        load_mnist_idx(fake)
+    with pytest.raises(DataValidationError, match="does not exist"):
+        load_mnist_idx(tmp_path / "missing-images-idx3-ubyte.gz")
+
+
+@pytest.mark.shared_data
+@pytest.mark.skipif(not MNIST_IMAGES.is_file(), reason=f"MNIST not found at {MNIST_IMAGES} (../shared/data)")
+def test_catalogue_from_mnist():
+    images, labels = load_mnist_idx(MNIST_IMAGES)
+    assert images.shape == (10000, 28, 28) and images.dtype == np.uint8
+    assert labels.shape == (10000,) and set(np.unique(labels).tolist()) == set(range(10))
+    catalogue = planted_catalogue(n_users=50, n_items=40, seed=0, images=(images, labels))
+    assert catalogue.frames.shape[1:] == (28, 28)
+    np.testing.assert_array_equal(labels[catalogue.truth.frame_image], catalogue.truth.frame_class)
