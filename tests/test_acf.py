@@ -208,21 +208,36 @@ def trained(planted):
     return acf, pop
 
 
-def test_acf_beats_itempop_on_the_planted_catalogue(planted, trained):
+@pytest.fixture(scope="module")
+def full_ranking(planted, trained):
+    """Full-ranking HR@10 / NDCG@10 of ACF, ItemPop and FISM on the small planted catalogue."""
     _, split, _, _ = planted
     acf, pop = trained
-    hr = {
-        name: evaluate(model, split, protocols=("full",), ks=(10,)).metrics["full"]["HR@10"]
-        for name, model in (("acf", acf), ("itempop", pop))
+    fism = get_model("fism")(progress=False, seed=0).fit(split)
+    return {
+        name: evaluate(model, split, protocols=("full",), ks=(10,)).metrics["full"]
+        for name, model in (("acf", acf), ("itempop", pop), ("fism", fism))
     }
 
-    assert hr["acf"] > hr["itempop"] + 0.08, hr
+
+def test_acf_beats_itempop_on_the_planted_catalogue(full_ranking):
+    assert full_ranking["acf"]["HR@10"] > full_ranking["itempop"]["HR@10"] + 0.08, full_ranking
 
 
 @pytest.mark.xfail(
     strict=True,
-    reason="measured: component attention stays near uniform on planted catalogues "
-    "(liked-frame beta mass / uniform share ~0.95-1.0, target >= 2); see the ACF report",
+    reason="measured on this catalogue: ACF HR@10 0.577 / NDCG@10 0.370 vs FISM 0.577 / 0.397 "
+    "(FISM is at the planted oracle's level; ACF's item attention collapses onto few items)",
+)
+def test_acf_beats_fism_on_the_planted_catalogue(full_ranking):
+    acf, fism = full_ranking["acf"], full_ranking["fism"]
+    assert acf["HR@10"] > fism["HR@10"] and acf["NDCG@10"] > fism["NDCG@10"], full_ranking
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="measured: component attention stays uniform (liked-frame beta mass 0.298 vs uniform "
+    "share 0.297, ratio 1.00, target >= 2): beta's only gradient comes through the item logits",
 )
 def test_component_attention_prefers_liked_frames(planted, trained):
     catalogue, split, _, aligned = planted

@@ -1,12 +1,14 @@
 """A planted-preference multimedia catalogue whose item components are real images.
 
 Every item is a short "video": a few frames, each a real handwritten-digit image (scikit-learn's
-``load_digits`` by default, or MNIST from :func:`load_mnist_idx`). An item has a dominant digit
-class and some distractor frames of other classes. Every user likes a few classes and chooses
-items by how much of their frames show a liked class (plus popularity and uniform noise), so the
-signal a content model can find lives in *some* frames of an item, not all: the setting component
-attention is for. The ground truth (class of every frame, classes of every user) is kept, so one
-can check where a model's component attention goes.
+``load_digits`` by default, or MNIST from :func:`load_mnist_idx`). An item shows a few digit
+classes over its frames. Every user likes a few classes and consumes items for two reasons:
+because the item shows a liked class somewhere among its frames (preference), or because it is
+popular (popularity clicks, blind to content). So what explains a user's next choice is the
+subset of the history that shows liked classes, and within those items only the liked frames:
+the setting ACF's item- and component-level attention is for. The ground truth (class of every
+frame, classes of every user, which interactions were popularity clicks) is kept, so one can
+check where a model's attention goes.
 """
 
 from __future__ import annotations
@@ -34,11 +36,11 @@ class CatalogueTruth:
     Attributes:
         frame_class: ``(n_frames,)`` int64 digit class of every frame.
         frame_image: ``(n_frames,)`` int64 row of the source image set each frame was taken from.
-        item_class: ``(n_items,)`` int64 dominant class of every item.
+        item_class: ``(n_items,)`` int64 most frequent class among the item's frames.
         user_classes: ``(n_users, n_classes)`` bool, True for a liked class.
         affinity: ``(n_users, n_items)`` float64 share of the item's frames in a liked class.
-        noise: ``(n_interactions,)`` bool, True for interactions drawn uniformly at random
-            (aligned with the rows of :attr:`Catalogue.interactions`).
+        noise: ``(n_interactions,)`` bool, True for popularity clicks (drawn from item
+            popularity alone), aligned with the rows of :attr:`Catalogue.interactions`.
     """
 
     frame_class: np.ndarray
@@ -159,56 +161,64 @@ def planted_catalogue(
     frames_per_item: tuple[int, int] = (3, 6),
     seed: int = 0,
     images: tuple[np.ndarray, np.ndarray] | None = None,
-    classes_per_user: int = 2,
-    dominant_share: float = 0.5,
+    classes_per_user: int = 1,
+    classes_per_item: tuple[int, int] = (2, 4),
     interactions_per_user: tuple[int, int] = (10, 30),
-    preference_strength: float = 6.0,
+    preference_strength: float = 8.0,
     popularity_skew: float = 0.8,
-    noise: float = 0.15,
+    noise: float = 0.3,
 ) -> Catalogue:
     """Generate a seeded catalogue of digit "videos" and planted-preference interactions.
+
+    Every item shows ``classes_per_item`` distinct digit classes spread over its frames, so a
+    frame of a class a user likes usually sits among frames of other classes. A user's
+    interactions are of two kinds: *preference* choices (Gumbel top-k on
+    ``preference_strength * (share of the item's frames in a liked class) + popularity``) and
+    *popularity clicks*
+    (a ``noise`` share drawn from item popularity alone, blind to content). Which history items
+    say something about the user's next choice, and which of their frames say why, therefore
+    depends on the user and the content.
 
     Args:
         frames_per_item: inclusive ``(low, high)`` range of frames per item.
         images: ``(images (n, h, w), labels (n,))``; defaults to scikit-learn's digits.
         classes_per_user: liked classes per user.
-        dominant_share: probability that a frame shows its item's dominant class; the other
-            frames show a uniformly drawn other class.
+        classes_per_item: inclusive range of distinct classes an item shows (capped by its
+            frame count); each shown class has at least one frame, the others are drawn among
+            them, in random frame order.
         interactions_per_user: inclusive range of distinct items per user.
         preference_strength: logit gain per unit of liked-frame share.
         popularity_skew: Zipf exponent of item popularity (0: none).
-        noise: share of a user's interactions drawn uniformly, ignoring preferences.
+        noise: share of a user's interactions that are popularity clicks.
     Returns:
         :class:`Catalogue`; the same arguments give the same catalogue.
     """
     if images is None:
         images = load_digits_images()
     pixels, labels = _check_catalogue_args(
-        images, n_users, n_items, n_classes, frames_per_item, classes_per_user, dominant_share,
+        images, n_users, n_items, n_classes, frames_per_item, classes_per_user, classes_per_item,
         interactions_per_user, noise,
     )
     rng = np.random.default_rng(seed)
-    item_class = rng.permutation(np.arange(n_items, dtype=np.int64) % n_classes)
     n_frames = rng.integers(frames_per_item[0], frames_per_item[1] + 1, size=n_items)
     offsets = np.concatenate([[0], np.cumsum(n_frames)]).astype(np.int64)
     frame_item = np.repeat(np.arange(n_items), n_frames)
-    # A distractor is "dominant + a non-zero shift": uniform over the other classes.
-    shift = rng.integers(1, n_classes, size=frame_item.size)
-    dominant = rng.random(frame_item.size) < dominant_share
-    frame_class = np.where(dominant, item_class[frame_item], (item_class[frame_item] + shift) % n_classes)
+    frame_class = _frame_classes(rng, n_frames, classes_per_item, n_classes)
     frame_image = _draw_images(rng, labels, frame_class)
 
     user_classes = np.zeros((n_users, n_classes), dtype=bool)
     liked = np.argsort(rng.random((n_users, n_classes)), axis=1)[:, :classes_per_user]
     np.put_along_axis(user_classes, liked, True, axis=1)
-    class_share = np.zeros((n_items, n_classes))
-    np.add.at(class_share, (frame_item, frame_class), 1.0)
-    class_share /= n_frames[:, None]
-    affinity = user_classes.astype(np.float64) @ class_share.T
+    class_count = np.zeros((n_items, n_classes))
+    np.add.at(class_count, (frame_item, frame_class), 1.0)
+    affinity = user_classes.astype(np.float64) @ (class_count / n_frames[:, None]).T
+    # Ties between equally frequent classes go to the smaller class index.
+    item_class = class_count.argmax(axis=1).astype(np.int64)
 
     counts = rng.integers(interactions_per_user[0], interactions_per_user[1] + 1, size=n_users)
     popularity = -popularity_skew * np.log1p(rng.permutation(n_items))
-    items, is_noise = _choose_items(rng, preference_strength * affinity + popularity, counts, noise)
+    preference = preference_strength * affinity + popularity
+    items, is_noise = _choose_items(rng, preference, popularity, counts, noise)
     users = np.repeat(np.arange(n_users, dtype=np.int64), counts)
     # Random order along each user's history, then strictly increasing timestamps.
     order = np.lexsort((rng.random(users.size), users))
@@ -228,6 +238,22 @@ def planted_catalogue(
     return Catalogue(interactions, pixels[frame_image], offsets, item_ids, truth)
 
 
+def _frame_classes(
+    rng: np.random.Generator, n_frames: np.ndarray, classes_per_item: tuple[int, int], n_classes: int
+) -> np.ndarray:
+    """Class of every frame ``(sum(n_frames),)``: each item's shown classes, each at least once, shuffled."""
+    n_items = n_frames.size
+    shown = np.minimum(rng.integers(classes_per_item[0], classes_per_item[1] + 1, size=n_items), n_frames)
+    palette = np.argsort(rng.random((n_items, n_classes)), axis=1)  # item's classes: first `shown` columns
+    frame_item = np.repeat(np.arange(n_items), n_frames)
+    position = np.arange(frame_item.size) - np.repeat(np.cumsum(n_frames) - n_frames, n_frames)
+    extra = (rng.random(frame_item.size) * shown[frame_item]).astype(np.int64)
+    column = np.where(position < shown[frame_item], position, extra)
+    classes = palette[frame_item, column]
+    order = np.lexsort((rng.random(frame_item.size), frame_item))
+    return classes[order].astype(np.int64)
+
+
 def _check_catalogue_args(
     images: tuple[np.ndarray, np.ndarray],
     n_users: int,
@@ -235,7 +261,7 @@ def _check_catalogue_args(
     n_classes: int,
     frames_per_item: tuple[int, int],
     classes_per_user: int,
-    dominant_share: float,
+    classes_per_item: tuple[int, int],
     interactions_per_user: tuple[int, int],
     noise: float,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -254,8 +280,13 @@ def _check_catalogue_args(
         raise DataValidationError(f"frames_per_item must be (low, high) with 1 <= low <= high, got {frames_per_item}")
     if not 1 <= classes_per_user < n_classes:
         raise DataValidationError(f"classes_per_user must be in 1..{n_classes - 1}, got {classes_per_user}")
-    if not 0.0 <= dominant_share <= 1.0 or not 0.0 <= noise <= 1.0:
-        raise DataValidationError(f"dominant_share and noise must be in [0, 1], got {dominant_share}, {noise}")
+    low, high = classes_per_item
+    if not 1 <= low <= high <= n_classes:
+        raise DataValidationError(
+            f"classes_per_item must be (low, high) with 1 <= low <= high <= n_classes={n_classes}, got {classes_per_item}"
+        )
+    if not 0.0 <= noise <= 1.0:
+        raise DataValidationError(f"noise must be in [0, 1], got {noise}")
     low, high = interactions_per_user
     if n_users < 1 or not 1 <= low <= high <= n_items:
         raise DataValidationError(
@@ -277,29 +308,31 @@ def _draw_images(rng: np.random.Generator, labels: np.ndarray, frame_class: np.n
 
 
 def _choose_items(
-    rng: np.random.Generator, logits: np.ndarray, counts: np.ndarray, noise: float
+    rng: np.random.Generator, preference: np.ndarray, popularity: np.ndarray, counts: np.ndarray, noise: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Distinct items per user: preferred ones by Gumbel top-k on ``logits``, the rest uniformly.
+    """Distinct items per user: preferred ones by Gumbel top-k, then popularity clicks.
 
     Args:
-        logits: ``(n_users, n_items)`` preference logits.
+        preference: ``(n_users, n_items)`` preference logits.
+        popularity: ``(n_items,)`` popularity logits of the clicks that ignore content.
         counts: ``(n_users,)`` items per user.
     Returns:
-        items ``(sum(counts),)`` grouped by user (user-major) and a noise flag per item.
+        items ``(sum(counts),)`` grouped by user (user-major) and a popularity-click flag per item.
     """
-    n_users, n_items = logits.shape
-    n_noise = rng.binomial(counts, noise)
-    n_pref = counts - n_noise
-    gumbel = logits - np.log(-np.log(rng.random(logits.shape)))
-    pref_rank = np.argsort(np.argsort(-gumbel, axis=1), axis=1)
-    chosen = pref_rank < n_pref[:, None]
-    # Noise: uniform keys over the items not already chosen by preference.
-    noise_keys = np.where(chosen, np.inf, rng.random(logits.shape))
-    noise_rank = np.argsort(np.argsort(noise_keys, axis=1), axis=1)
-    is_noise = noise_rank < n_noise[:, None]
-    selected = chosen | is_noise
-    rows, items = np.nonzero(selected)
-    return items.astype(np.int64), is_noise[rows, items]
+    n_clicks = rng.binomial(counts, noise)
+    chosen = _gumbel_top(rng, preference, counts - n_clicks)
+    # Popularity clicks: Gumbel top-k on popularity alone, over the items not already chosen.
+    keys = np.where(chosen, -np.inf, popularity[None, :])
+    is_click = _gumbel_top(rng, keys, n_clicks)
+    rows, items = np.nonzero(chosen | is_click)
+    return items.astype(np.int64), is_click[rows, items]
+
+
+def _gumbel_top(rng: np.random.Generator, logits: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """``(n_users, n_items)`` bool: ``k[u]`` items per row, sampled without replacement by ``softmax(logits)``."""
+    keys = logits - np.log(-np.log(rng.random(logits.shape)))
+    rank = np.argsort(np.argsort(-keys, axis=1), axis=1)
+    return rank < k[:, None]
 
 
 def _cumsum_within(values: np.ndarray, counts: np.ndarray) -> np.ndarray:

@@ -2,7 +2,10 @@
 
 Score of user ``i`` for item ``j``::
 
-    r(i, j) = (u_i + sum_{l in R(i)} alpha(i, l) p_l) . v_j
+    r(i, j) = (u_i + sum_{l in R(i)} alpha(i, l) p_l) . v_j  [+ b_j]
+
+The item bias ``b_j`` is an extension of the paper (``item_bias=True`` by default), the same one
+the BPR-MF / FISM / SVD++ baselines have, so popularity need not be carried by the factors.
 
 Two attention levels, both conditioned on the user:
 
@@ -60,7 +63,11 @@ class ACFConfig(TorchConfig):
             data is ordered, else a seeded sample).
         max_components: components per item kept (the item's first ones).
         components_path: a ComponentStore folder, aligned on the training Split's item ids.
-        init_std: standard deviation of the embeddings' normal initialisation.
+        init_std: standard deviation of the embeddings' normal initialisation (0.03 measured
+            better than 0.1 and 0.05 on the planted catalogue; 0.01 stalls the first epochs
+            long enough for early stopping to fire).
+        item_bias: add a learned item bias ``b_j`` to the score (an extension of the paper, as
+            in the FISM / SVD++ / BPR-MF baselines: popularity then need not crowd the factors).
     """
 
     attention_dim: int = 32
@@ -71,7 +78,8 @@ class ACFConfig(TorchConfig):
     max_history: int = 100
     max_components: int = 10
     components_path: str | None = None
-    init_std: float = 0.1
+    init_std: float = 0.03
+    item_bias: bool = True
 
 
 @dataclass
@@ -113,6 +121,7 @@ class _ACFNetwork(nn.Module):
         self.user = _embedding(n_users, dim, config.init_std)
         self.history_item = _embedding(n_items, dim, config.init_std)  # p_l
         self.target_item = _embedding(n_items, dim, config.init_std)  # v_j
+        self.bias = nn.Parameter(torch.zeros(n_items)) if config.item_bias else None  # b_j
         self.register_buffer("history", history)
         self.register_buffer("history_mask", history_mask)
         self.att_user = nn.Linear(dim, att, bias=False)
@@ -134,6 +143,12 @@ class _ACFNetwork(nn.Module):
         for layer in (self.att_out, getattr(self, "comp_out", None)):
             if layer is not None:
                 nn.init.zeros_(layer.weight)
+
+    def item_bias(self, items: torch.Tensor) -> torch.Tensor:
+        """``b_j`` shaped like ``items`` (zeros without item bias)."""
+        if self.bias is None:
+            return torch.zeros(items.shape, dtype=self.target_item.weight.dtype, device=items.device)
+        return self.bias[items]
 
     # ---------------------------------------------------------- components
     def components(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -314,8 +329,8 @@ class ACF(TorchRecommender):
         rows = _select(pooled, row_user)
         positive_vectors = net.user_vectors(rows, exclude=positives)
         full_vectors = net.user_vectors(pooled)[row_user]
-        positive = (positive_vectors * net.target_item(positives)).sum(dim=-1)
-        negative = torch.einsum("bd,bkd->bk", full_vectors, net.target_item(negatives))
+        positive = (positive_vectors * net.target_item(positives)).sum(dim=-1) + net.item_bias(positives)
+        negative = torch.einsum("bd,bkd->bk", full_vectors, net.target_item(negatives)) + net.item_bias(negatives)
         loss = F.softplus(negative - positive[:, None]).mean()
         if self.config.weight_decay > 0:
             loss = loss + self.config.weight_decay * self._l2(distinct, positives, negatives) / users.numel()
@@ -335,10 +350,11 @@ class ACF(TorchRecommender):
 
     # --------------------------------------------------------------- scoring
     def _score_all(self, users: torch.Tensor) -> torch.Tensor:
-        """``(batch,)`` -> ``(batch, n_items)``: the attended user vector against every ``v_j``."""
+        """``(batch,)`` -> ``(batch, n_items)``: the attended user vector against every ``v_j``, plus ``b_j``."""
         net = self._net()
+        bias = net.item_bias(torch.arange(net.target_item.num_embeddings, device=users.device))
         chunks = [
-            net.user_vectors(net.pool(users[start : start + _SCORE_CHUNK])) @ net.target_item.weight.T
+            net.user_vectors(net.pool(users[start : start + _SCORE_CHUNK])) @ net.target_item.weight.T + bias
             for start in range(0, users.numel(), _SCORE_CHUNK)
         ]
         return torch.cat(chunks) if chunks else net.target_item.weight.new_zeros((0, net.target_item.num_embeddings))
