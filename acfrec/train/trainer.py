@@ -1,0 +1,252 @@
+"""The one training loop for every torch model.
+
+:class:`Trainer` drives a :class:`~acfrec.models.base.TorchRecommender` through BPR epochs:
+seeded sampling, the optimiser, early stopping on validation NDCG@k (full ranking, training
+items excluded), restore of the best epoch's weights, and resumable per-epoch checkpoints.
+
+Regularisation: ``config.weight_decay`` is *not* given to the optimiser. It is the L2 coefficient
+each model applies inside ``_loss`` to the embeddings a batch actually uses (the usual BPR
+regulariser), so rarely sampled items are not shrunk at every step the way optimiser weight decay
+would shrink them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from acfrec.data.sampler import BPRSampler
+from acfrec.errors import ArtifactError
+from acfrec.utils import fingerprint_arrays
+
+if TYPE_CHECKING:
+    from acfrec.models.base import TorchConfig, TorchRecommender, TrainData
+
+Callback = Callable[[int, dict], None]
+Validator = Callable[["TorchRecommender", "TrainData"], float]
+
+CHECKPOINT_NAME = "last.pt"
+# Options that may change between an interrupted run and its resumption without changing results.
+_RESUMABLE_CHANGES = frozenset({"epochs", "progress", "checkpoint_dir", "device"})
+_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad}
+
+
+def default_validator(model: TorchRecommender, data: TrainData) -> float:
+    """NDCG@``eval_k`` of the validation items, full ranking with training items excluded."""
+    from acfrec.eval.evaluate import validation_ndcg as full_ranking_ndcg
+
+    assert data.valid_items is not None
+    return float(full_ranking_ndcg(model, data.train, data.valid_items, k=model.config.eval_k))
+
+
+@dataclasses.dataclass
+class _Progress:
+    """Everything that changes across epochs and must survive an interruption."""
+
+    epoch: int = 0  # last completed epoch
+    history: list[dict] = dataclasses.field(default_factory=list)
+    best_state: dict[str, torch.Tensor] | None = None
+    best_score: float = -math.inf
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    stopped: bool = False  # early stopping fired
+
+
+class Trainer:
+    """Trains a torch recommender on BPR triples.
+
+    Args:
+        config: the model's :class:`~acfrec.models.base.TorchConfig`.
+        callbacks: each called as ``callback(epoch, entry)`` after every epoch, where ``entry`` is
+            the epoch's history dict.
+        validator: ``validator(model, data) -> float`` (higher is better) used for early
+            stopping; defaults to validation NDCG@``config.eval_k``. Only called when
+            ``data.valid_items`` is given.
+    """
+
+    def __init__(
+        self, config: TorchConfig, callbacks: Iterable[Callback] = (), validator: Validator | None = None
+    ) -> None:
+        if config.optimizer not in _OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {sorted(_OPTIMIZERS)}, got {config.optimizer!r}")
+        if config.epochs < 0 or config.batch_size < 1 or config.n_negatives < 1 or config.eval_every < 1:
+            raise ValueError(
+                "need epochs >= 0, batch_size >= 1, n_negatives >= 1 and eval_every >= 1; got "
+                f"epochs={config.epochs}, batch_size={config.batch_size}, "
+                f"n_negatives={config.n_negatives}, eval_every={config.eval_every}"
+            )
+        self.config = config
+        self.callbacks = list(callbacks)
+        self.validator = validator or default_validator
+
+    def fit(self, model: TorchRecommender, data: TrainData) -> list[dict]:
+        """Train ``model.module`` in place; return the per-epoch history.
+
+        History entries: ``{epoch, loss, valid_ndcg, seconds, pairs_per_second}`` where
+        ``valid_ndcg`` is None on epochs without validation. With validation, training stops
+        after ``patience`` evaluations without improvement (``patience <= 0``: never) and the
+        best evaluated epoch's weights are restored. With ``checkpoint_dir`` set, a run resumes
+        from ``checkpoint_dir/last.pt`` and ends exactly where an uninterrupted run would.
+        """
+        config = self.config
+        module = model.module
+        if module is None:
+            raise RuntimeError(f"{type(model).__name__}.module is not built: Trainer.fit runs inside model.fit")
+        torch.manual_seed(config.seed)
+        sampler = BPRSampler(data.train, config.batch_size, config.n_negatives, seed=config.seed)
+        optimizer = _OPTIMIZERS[config.optimizer](module.parameters(), lr=config.lr)
+        checkpoint = None if config.checkpoint_dir is None else Path(config.checkpoint_dir) / CHECKPOINT_NAME
+        identity = _run_identity(model, data)
+        progress = _Progress()
+        validate = data.valid_items is not None and bool((np.asarray(data.valid_items) >= 0).any())
+        if checkpoint is not None and checkpoint.is_file():
+            progress = _resume(checkpoint, identity, module, optimizer, sampler)
+
+        while progress.epoch < config.epochs and not progress.stopped:
+            epoch = progress.epoch + 1
+            entry = self._train_epoch(model, sampler, optimizer, epoch)
+            if validate and epoch % config.eval_every == 0:
+                start = time.perf_counter()
+                module.eval()
+                entry["valid_ndcg"] = self.validator(model, data)
+                entry["seconds"] += time.perf_counter() - start
+                _track_best(progress, module, epoch, entry["valid_ndcg"], config.patience)
+            progress.epoch = epoch
+            progress.history.append(entry)
+            if checkpoint is not None:
+                _save_checkpoint(checkpoint, identity, progress, module, optimizer, sampler)
+            for callback in self.callbacks:
+                callback(epoch, entry)
+
+        if progress.best_state is not None:
+            module.load_state_dict(progress.best_state)
+        module.eval()
+        return progress.history
+
+    def _train_epoch(
+        self, model: TorchRecommender, sampler: BPRSampler, optimizer: torch.optim.Optimizer, epoch: int
+    ) -> dict[str, Any]:
+        assert model.module is not None
+        model.module.train()
+        device = model.device
+        start = time.perf_counter()
+        total_loss, n_pairs = 0.0, 0
+        batches = tqdm(
+            sampler.epoch(), total=len(sampler), desc=f"{model.name} epoch {epoch}",
+            disable=not self.config.progress, leave=False,
+        )
+        for batch in batches:
+            users = torch.as_tensor(batch.users, device=device)
+            positives = torch.as_tensor(batch.positives, device=device)
+            negatives = torch.as_tensor(batch.negatives, device=device)
+            loss = model._loss(users, positives, negatives)
+            value = loss.item()
+            if not math.isfinite(value):
+                raise FloatingPointError(
+                    f"{model.name}: training loss is {value} at epoch {epoch} (after {n_pairs} pairs); "
+                    f"lower lr (now {self.config.lr}) or weight_decay (now {self.config.weight_decay})"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total_loss += value * users.numel()
+            n_pairs += users.numel()
+        seconds = time.perf_counter() - start
+        return {
+            "epoch": epoch,
+            "loss": total_loss / max(n_pairs, 1),
+            "valid_ndcg": None,
+            "seconds": seconds,
+            "pairs_per_second": n_pairs / max(seconds, 1e-9),
+        }
+
+
+def _track_best(progress: _Progress, module: torch.nn.Module, epoch: int, score: float, patience: int) -> None:
+    if score > progress.best_score:
+        progress.best_score, progress.best_epoch, progress.bad_epochs = score, epoch, 0
+        progress.best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        return
+    progress.bad_epochs += 1
+    progress.stopped = patience > 0 and progress.bad_epochs >= patience
+
+
+def _run_identity(model: TorchRecommender, data: TrainData) -> dict[str, Any]:
+    """What must match for a checkpoint to be resumed: model, config and training data."""
+    config = {k: v for k, v in dataclasses.asdict(model.config).items() if k not in _RESUMABLE_CHANGES}
+    train = data.train
+    valid = np.empty(0, dtype=np.int64) if data.valid_items is None else np.asarray(data.valid_items)
+    return {
+        "model": model.name,
+        "config": config,
+        "data": fingerprint_arrays(train.indptr.astype(np.int64), train.indices.astype(np.int64), valid),
+    }
+
+
+def _save_checkpoint(
+    path: Path,
+    identity: dict[str, Any],
+    progress: _Progress,
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    sampler: BPRSampler,
+) -> None:
+    """Write the checkpoint through a temporary file and ``os.replace``: never half-written."""
+    payload = {
+        "identity": identity,
+        "progress": dataclasses.asdict(progress),
+        "module": module.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "sampler_rng": sampler.state(),
+        "torch_rng": torch.get_rng_state(),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(payload, handle)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _resume(
+    path: Path,
+    identity: dict[str, Any],
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    sampler: BPRSampler,
+) -> _Progress:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+        saved = payload["identity"]
+    except Exception as error:  # a foreign or truncated file: say which
+        raise ArtifactError(f"cannot resume from checkpoint {path}: {error}") from error
+    if saved != identity:
+        differing = [key for key in ("model", "data") if saved.get(key) != identity[key]]
+        differing += [
+            f"config.{key}" for key in sorted(identity["config"])
+            if saved.get("config", {}).get(key) != identity["config"][key]
+        ]
+        raise ArtifactError(
+            f"checkpoint {path} belongs to a different run (differs in: {', '.join(differing)}); "
+            "delete it or choose another checkpoint_dir"
+        )
+    module.load_state_dict(payload["module"])
+    optimizer.load_state_dict(payload["optimizer"])
+    sampler.set_state(payload["sampler_rng"])
+    torch.set_rng_state(payload["torch_rng"])
+    return _Progress(**copy.deepcopy(payload["progress"]))
