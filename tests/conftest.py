@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from acfrec.data.interactions import Interactions
 from acfrec.data.split import Split
@@ -13,6 +14,15 @@ from acfrec.datasets import PlantedData, planted_interactions
 SMALL_PLANTED = dict(
     n_users=200, n_items=120, n_classes=10, classes_per_user=2, interactions_per_user=(5, 20), seed=0
 )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Test tensors are tiny: one intra-op thread beats two by a wide margin on a 2-core runner."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -20,14 +20,6 @@ from acfrec.models.acf import ACF, _select, build_history
 FAST = dict(progress=False, seed=0, dim=32, attention_dim=16, epochs=4, patience=0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tensors are small: one thread is faster than two fighting over a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):

@@ -16,14 +16,6 @@ TORCH_MODELS = ("bpr-mf", "fism", "svdpp")
 FAST = {"epochs": 10, "dim": 32, "batch_size": 256, "lr": 0.01, "progress": False, "patience": 0, "eval_every": 5}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is much faster than several on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def planted_split(seed: int = 0) -> Split:
     """Users like 1-2 of 8 item clusters (85% of their draws) plus popularity noise (15%).

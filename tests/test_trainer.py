@@ -15,14 +15,6 @@ from acfrec.train import Trainer
 BASE = {"dim": 8, "batch_size": 64, "progress": False, "seed": 7}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is much faster than several on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def random_data(n_users: int = 60, n_items: int = 40, seed: int = 0) -> TrainData:
     """Random interactions (~25% density) with one validation item per user outside its history."""
