@@ -39,7 +39,7 @@ Validator = Callable[["TorchRecommender", "TrainData"], float]
 
 CHECKPOINT_NAME = "last.pt"
 # Options that may change between an interrupted run and its resumption without changing results.
-_RESUMABLE_CHANGES = frozenset({"epochs", "progress", "checkpoint_dir", "device"})
+_RESUMABLE_CHANGES = frozenset({"epochs", "progress", "checkpoint_dir", "device", "num_threads"})
 _OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad}
 
 
