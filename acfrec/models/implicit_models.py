@@ -76,11 +76,12 @@ class _ImplicitMF(Recommender):
     def _fit(self, data: TrainData) -> None:
         self.history = []
 
-        def on_epoch(epoch: int, seconds: float, *extra: Any) -> None:
+        def on_epoch(iteration: int, seconds: float, *extra: Any) -> None:
+            # implicit counts iterations from 0; acfrec's trainer numbers epochs from 1.
             metrics = {"seconds": float(seconds)} | self._epoch_metrics(*extra)
-            self.history.append({"epoch": epoch} | metrics)
+            self.history.append({"epoch": iteration + 1} | metrics)
             for callback in self.callbacks:
-                callback(epoch, metrics)
+                callback(iteration + 1, metrics)
 
         with threadpool_limits(1, "blas"):
             estimator = self._estimator()
