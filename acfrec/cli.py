@@ -12,9 +12,7 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -38,7 +36,7 @@ from acfrec.config import (
     unused_shared_overrides,
 )
 from acfrec.errors import AcfrecError
-from acfrec.utils import atomic_write_text
+from acfrec.utils import atomic_file, atomic_write_text
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -635,16 +633,8 @@ def top_k_frame(model: Recommender, split: Split, k: int = 10) -> pl.DataFrame:
 
 
 def _write_parquet(frame: pl.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         frame.write_parquet(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 _COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str,
