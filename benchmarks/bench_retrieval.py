@@ -30,7 +30,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from acfrec.index import IndexConfig, ItemIndex, augment_bias, clustered_vectors
+from acfrec.index import IndexConfig, ItemIndex, clustered_vectors, model_vectors
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ml-100k" / "ml-100k.inter"
 Search = Callable[[], tuple[np.ndarray, np.ndarray]]
@@ -106,10 +106,7 @@ def ml100k_vectors(data: Path, seed: int) -> tuple[np.ndarray, np.ndarray, sp.cs
 
     split = leave_one_out(read_interactions(data), seed=seed)
     model = get_model("bpr-mf")(seed=seed, epochs=20, progress=False).fit(split)
-    module = model.module
-    queries, items = augment_bias(
-        module.user.weight.detach().numpy(), model.item_factors(), module.item_bias.weight.detach().numpy()
-    )
+    queries, items = model_vectors(model, np.arange(model.n_users))
     return queries, items, model.seen
 
 

@@ -12,7 +12,7 @@ import scipy.sparse as sp
 
 from acfrec.data import IdMap, Split
 from acfrec.errors import ArtifactError, DataValidationError, UnknownIdError
-from acfrec.index import IndexConfig, ItemIndex, augment_bias, clustered_vectors, gpu_count, model_vectors
+from acfrec.index import IndexConfig, ItemIndex, clustered_vectors, gpu_count, model_vectors
 from acfrec.models import get_model
 
 K = 100
@@ -285,28 +285,16 @@ def test_gpu_auto_falls_back_to_cpu_and_true_raises(small: tuple[np.ndarray, np.
 
 
 # ----------------------------------------------------------------- trained models
-def bprmf_vectors(model, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """BPR-MF's ``[p_u, 1]`` and ``[q_j, b_j]``; through ``model_vectors`` once models expose them."""
-    if hasattr(model, "user_vectors"):
-        return model_vectors(model, users)
-    module = model.module
-    return augment_bias(
-        module.user.weight.detach().numpy()[users], model.item_factors(), module.item_bias.weight.detach().numpy()
-    )
-
-
 @pytest.mark.parametrize("name", ["bpr-mf", "implicit-bpr"])
 def test_index_top_k_equals_model_recommend(small_split: Split, name: str) -> None:
     if name == "bpr-mf":
         model = get_model(name)(
             seed=0, epochs=3, dim=16, lr=0.05, init_std=0.1, batch_size=256, progress=False, patience=0, eval_every=100
         ).fit(small_split)
-        vectors = bprmf_vectors
     else:
         model = get_model(name)(factors=16, iterations=20, num_threads=1, progress=False).fit(small_split)
-        vectors = model_vectors
     users = np.arange(model.n_users)
-    queries, items = vectors(model, users)
+    queries, items = model_vectors(model, users)
     np.testing.assert_allclose(queries @ items.T, model.score_all(users).numpy(), rtol=1e-5, atol=1e-5)
     index = ItemIndex.build(items, items=small_split.items)
     assert_same_topk(index.search(queries, 10, exclude=model.seen), model.recommend(users, k=10))

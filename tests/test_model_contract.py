@@ -126,6 +126,18 @@ def test_score_agrees_with_score_all(fitted: Fitted, small_split: Split) -> None
     np.testing.assert_allclose(fitted.model.score(users, items), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_retrieval_vectors_reproduce_the_scores(fitted: Fitted, small_split: Split) -> None:
+    """Models servable from an inner-product index must give exactly their own scores that way."""
+    from acfrec.index.vectors import model_vectors
+
+    users = np.arange(min(20, small_split.n_users))
+    try:
+        queries, items = model_vectors(fitted.model, users)
+    except NotImplementedError:
+        return  # not index-servable (e.g. ItemPop, ACF): nothing to check
+    np.testing.assert_allclose(queries @ items.T, fitted.model.score_all(users).numpy(), rtol=1e-4, atol=1e-5)
+
+
 def test_scores_are_not_all_equal(fitted: Fitted) -> None:
     # A model that scores every item the same would get HR 0 under pessimistic ties.
     assert fitted.model.score_all(USERS).std(dim=1).min() > 0

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from acfrec.data.idmap import check_indices
 from acfrec.models.base import ModelConfig, TorchConfig, TorchRecommender
 
 LOSSES = ("bpr", "log")
@@ -209,3 +210,27 @@ class FactorRecommender(TorchRecommender):
         self._require_fitted()
         assert self.module is not None
         return self.module.item.weight.detach().float().cpu().numpy()
+
+    def user_vectors(self, users: np.ndarray) -> np.ndarray:
+        """``(batch,)`` -> ``(batch, dim + 1)`` queries ``[x_u, 1]`` for inner-product retrieval.
+
+        With :meth:`item_vectors`, ``score_all(users) == user_vectors(users) @ item_vectors().T``,
+        so a FAISS inner-product index over ``item_vectors()`` serves this model exactly.
+        """
+        users = np.asarray(users, dtype=np.int64).reshape(-1)
+        check_indices(users, self.n_users, "user")
+        assert self.module is not None
+        with torch.no_grad():
+            vectors = self._user_vectors(torch.as_tensor(users, device=self.device)).float().cpu().numpy()
+        return np.hstack([vectors, np.ones((users.size, 1), dtype=np.float32)])
+
+    def item_vectors(self) -> np.ndarray:
+        """``(n_items, dim + 1)`` item vectors ``[q_j, b_j]`` (``b_j = 0`` without item bias)."""
+        factors = self.item_factors()
+        assert self.module is not None
+        bias = (
+            np.zeros((factors.shape[0], 1), dtype=np.float32)
+            if self.module.item_bias is None
+            else self.module.item_bias.weight.detach().float().cpu().numpy()
+        )
+        return np.hstack([factors, bias])
