@@ -1,0 +1,125 @@
+"""One training epoch of ACF next to BPR-MF and FISM on ML-100K (dim 64).
+
+Each configuration runs in its own subprocess (peak RSS is its own) with one torch thread. Printed
+per configuration: the epoch's wall seconds (the trainer's own timing), the process CPU seconds
+of the whole ``fit`` (steadier than wall time on a shared machine), training pairs per second,
+the ratio to FISM's epoch and the peak RSS. ACF "+ plots" uses the hashed bag of words of each
+movie's plot sentences (:mod:`acfrec.datasets.movielens`); when the plot file is absent, random
+unit-norm components of the same shape (5 per item, 256-d) stand in and the row says so.
+
+    python benchmarks/bench_acf.py [--data ../shared/data] [--batch-size 4096] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# name -> (registered model, options on top of the model's defaults)
+CONFIGS: dict[str, tuple[str, dict]] = {
+    "bpr-mf": ("bpr-mf", {}),
+    "fism": ("fism", {}),
+    "acf (no content)": ("acf", {"use_content": False}),
+    "acf + components": ("acf", {}),
+}
+
+
+def components(data: Path, n_items: int, split):
+    """Plot-sentence components aligned on the split, or random ones of the same shape."""
+    import torch
+
+    from acfrec.data.components import AlignedComponents
+
+    items, plots = data / "ml-100k" / "ml-100k.item", data / "movie-plots" / "movies_extrainfos.dat"
+    if items.is_file() and plots.is_file():
+        import tempfile
+
+        from acfrec.datasets.movielens import plot_component_store
+
+        store = plot_component_store(Path(tempfile.mkdtemp()) / "plots", items_file=items, plots_file=plots)
+        return store.align(split.items, max_components=10), "plot sentences, hashed BoW 256-d"
+    generator = torch.Generator().manual_seed(0)
+    features = torch.nn.functional.normalize(torch.randn(n_items, 5, 256, generator=generator), dim=-1)
+    return AlignedComponents(features, torch.ones(n_items, 5, dtype=torch.bool)), "random, 5 x 256-d per item"
+
+
+def run_one(label: str, data: Path, batch_size: int | None, threads: int) -> dict:
+    import torch
+
+    from acfrec.data.io import read_interactions
+    from acfrec.data.splitting import leave_one_out
+    from acfrec.models import get_model
+
+    torch.set_num_threads(threads)
+    split = leave_one_out(read_interactions(data / "ml-100k" / "ml-100k.inter"))
+    name, options = CONFIGS[label]
+    options = {**options, "dim": 64, "epochs": 1, "progress": False}
+    if batch_size is not None:
+        options["batch_size"] = batch_size
+    source = ""
+    model = get_model(name)(**options)
+    if name == "acf" and options.get("use_content", True):
+        aligned, source = components(data, split.n_items, split)
+        model.set_components(aligned)
+    # The first optimiser pulls in torch._dynamo (seconds): import it before the clock starts.
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
+    cpu = time.process_time()
+    model.fit(split.train, valid=None)
+    cpu = time.process_time() - cpu
+    epoch = model.history[0]["seconds"]
+    return {
+        "model": label,
+        "batch_size": model.config.batch_size,
+        "epoch_s": epoch,
+        "fit_cpu_s": cpu,
+        "pairs_per_s": split.train.nnz / epoch,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "content": source,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the shared data folder (holds ml-100k/)")
+    parser.add_argument("--batch-size", type=int, default=None, help="override every model's default")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_one(args.one, args.data, args.batch_size, args.threads)))
+        return
+    if not (args.data / "ml-100k" / "ml-100k.inter").is_file():
+        sys.exit(f"ML-100K not found under {args.data}; pass --data FOLDER (holding ml-100k/ml-100k.inter)")
+    rows = []
+    for label in args.models:
+        command = [sys.executable, __file__, "--one", label, "--data", str(args.data), "--threads", str(args.threads)]
+        if args.batch_size is not None:
+            command += ["--batch-size", str(args.batch_size)]
+        out = subprocess.run(command, capture_output=True, text=True, check=False)
+        if out.returncode != 0:
+            print(f"{label}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
+            continue
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    fism = next((r["epoch_s"] for r in rows if r["model"] == "fism"), None)
+    header = f"{'model':<18}{'batch':>7}{'epoch s':>9}{'fit CPU s':>11}{'pairs/s':>10}{'x FISM':>8}{'peak RSS MB':>13}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        ratio = f"{r['epoch_s'] / fism:>8.1f}" if fism else f"{'-':>8}"
+        print(
+            f"{r['model']:<18}{r['batch_size']:>7}{r['epoch_s']:>9.2f}{r['fit_cpu_s']:>11.2f}"
+            f"{r['pairs_per_s']:>10.0f}{ratio}{r['peak_rss_mb']:>13.0f}"
+        )
+    sources = {r["content"] for r in rows if r["content"]}
+    print(f"\nML-100K leave-one-out training pairs, dim 64, {args.threads} torch thread(s); components: {', '.join(sources) or '-'}")
+
+
+if __name__ == "__main__":
+    main()
