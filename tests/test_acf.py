@@ -65,6 +65,8 @@ def test_positive_is_removed_exactly_from_its_history(planted, smoothing):
     users = torch.as_tensor(rng.choice(split.n_users, size=64, replace=False))
     with torch.no_grad():
         logits, _, _ = net.attend(users)
+        # One user has fewer history entries than the catalogue has items: the distinct-items path.
+        torch.testing.assert_close(net.attend(users[:1])[0], logits[:1])
         top = net.history[users, logits.argmax(dim=1)]
         lengths = net.history_mask[users].sum(dim=1)
         random_slot = torch.as_tensor(rng.integers(0, lengths.numpy()))
