@@ -1,0 +1,343 @@
+"""The one interface every content encoder has, its registry and its training loop.
+
+An encoder is trained self-supervised on a catalogue's own content, then frozen, and turns each
+item into components (one vector per frame, image region or sentence)::
+
+    encoder = get_encoder("pixelcnn")(epochs=2, seed=0)
+    encoder.fit(train_corpus, valid=valid_corpus, checkpoint_dir="runs/pixelcnn-ckpt")
+    encoder.evaluate(test_corpus)          # {"nll_nats": ..., ...} held-out likelihood figures
+    components = encoder.encode(corpus)    # Components(matrix, offsets, item_ids)
+    encoder.save("runs/pixelcnn"); Encoder.load("runs/pixelcnn")
+
+A subclass sets ``name``, ``modality`` and ``config_class`` and implements:
+
+* ``_build(corpus) -> nn.Module``: create the network (vocabulary, image shape from ``corpus``);
+  whatever must survive save/load besides the state dict goes into ``self.extra`` (JSON-able).
+* ``_batches(corpus, rng) -> iterable of batches`` for one training epoch (seeded shuffling).
+* ``_loss(batch) -> (loss, {metric: float})`` on a training batch.
+* ``_encode(corpus) -> Components`` under ``no_grad``.
+* ``evaluate(corpus) -> {metric: float}`` held-out figures (NLL in nats, perplexity, KL...).
+* ``output_dim``.
+
+This package depends on torch (and torchvision for the backbone) only, never on ``acfrec``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from encoders.corpus import Components, Corpus
+
+logger = logging.getLogger(__name__)
+
+ENCODER_FORMAT_VERSION = 1
+_REGISTRY: dict[str, type[Encoder]] = {}
+E = TypeVar("E", bound=type["Encoder"])
+# (epoch, {"loss": ..., "valid_<metric>": ...}) after every epoch: MLflow logging, progress notes.
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+def register(name: str) -> Callable[[E], E]:
+    """Class decorator: make an encoder available as ``get_encoder(name)``."""
+
+    def decorate(cls: E) -> E:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"encoder name {name!r} is already registered by {_REGISTRY[name].__name__}")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def get_encoder(name: str) -> type[Encoder]:
+    _import_builtin()
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown encoder {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def available_encoders() -> list[str]:
+    _import_builtin()
+    return sorted(_REGISTRY)
+
+
+def _import_builtin() -> None:
+    import encoders  # noqa: F401  (its __init__ imports every built-in encoder module)
+
+
+@dataclass
+class EncoderConfig:
+    """Training options every encoder has; subclasses add their architecture's."""
+
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    grad_clip: float = 1.0  # max gradient norm; 0 disables
+    seed: int = 0
+    device: str = "cpu"
+    num_threads: int = 0  # intra-op CPU threads while training; 0 keeps torch's default
+    max_steps_per_epoch: int = 0  # 0 = the whole corpus each epoch (a budget knob for CPU runs)
+
+
+class Encoder(ABC):
+    """Base class of content encoders (see the module docstring for the contract)."""
+
+    name: ClassVar[str] = "encoder"
+    modality: ClassVar[str] = "image"  # "image" (regions), "frames" (one vector per frame), "text"
+    config_class: ClassVar[type[EncoderConfig]] = EncoderConfig
+
+    def __init__(self, config: EncoderConfig | None = None, **overrides: Any) -> None:
+        config = config if config is not None else self.config_class()
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"{type(self).__name__} takes a {self.config_class.__name__}, got {type(config).__name__}")
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(config)}
+        if unknown:
+            raise TypeError(f"{type(self).__name__}: unknown option(s) {sorted(unknown)}")
+        self.config = dataclasses.replace(config, **overrides)
+        self.module: nn.Module | None = None
+        self.extra: dict[str, Any] = {}
+        self.history: list[dict[str, float]] = []
+
+    # ---------------------------------------------------------------- subclass hooks
+    @property
+    @abstractmethod
+    def output_dim(self) -> int: ...
+
+    @abstractmethod
+    def _build(self, corpus: Corpus) -> nn.Module: ...
+
+    @abstractmethod
+    def _batches(self, corpus: Corpus, rng: np.random.Generator) -> Iterable[Any]: ...
+
+    @abstractmethod
+    def _loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+    @abstractmethod
+    def _encode(self, corpus: Corpus) -> Components: ...
+
+    @abstractmethod
+    def evaluate(self, corpus: Corpus) -> dict[str, float]: ...
+
+    def _on_epoch_start(self, epoch: int) -> None:  # noqa: B027 (optional hook)
+        """Schedules (KL annealing, temperature...) hook; ``epoch`` counts from 1."""
+
+    # ---------------------------------------------------------------- public API
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.config.device)
+
+    def _require_module(self) -> nn.Module:
+        if self.module is None:
+            raise RuntimeError(f"{self.name} encoder is not fitted: call fit() or load() first")
+        return self.module
+
+    def fit(
+        self,
+        corpus: Corpus,
+        config: EncoderConfig | None = None,
+        *,
+        valid: Corpus | None = None,
+        checkpoint_dir: str | Path | None = None,
+        callbacks: Sequence[EpochCallback] = (),
+        progress: bool = False,
+    ) -> Encoder:
+        """Train on ``corpus``; resumes from ``checkpoint_dir/last.pt`` when it exists.
+
+        ``valid`` adds ``valid_<metric>`` (from :meth:`evaluate`) to every epoch's metrics.
+        """
+        from tqdm.auto import tqdm
+
+        if config is not None:
+            self.config = config
+        _seed(self.config.seed)
+        threads = torch.get_num_threads()
+        if self.config.num_threads > 0:
+            torch.set_num_threads(self.config.num_threads)
+        try:
+            self.module = self._build(corpus).to(self.device)
+            optimizer = torch.optim.Adam(self.module.parameters(), lr=self.config.lr)
+            start = self._resume(checkpoint_dir, optimizer)
+            for epoch in range(start + 1, self.config.epochs + 1):
+                rng = np.random.default_rng([self.config.seed, epoch])
+                self._on_epoch_start(epoch)
+                self.module.train()
+                totals: dict[str, float] = {}
+                n_batches = 0
+                batches = self._batches(corpus, rng)
+                for batch in tqdm(batches, desc=f"{self.name} epoch {epoch}", disable=not progress, leave=False):
+                    loss, metrics = self._loss(batch)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if self.config.grad_clip > 0:
+                        nn.utils.clip_grad_norm_(self.module.parameters(), self.config.grad_clip)
+                    optimizer.step()
+                    for key, value in {"loss": float(loss.detach()), **metrics}.items():
+                        totals[key] = totals.get(key, 0.0) + float(value)
+                    n_batches += 1
+                    if self.config.max_steps_per_epoch and n_batches >= self.config.max_steps_per_epoch:
+                        break
+                record = {key: value / max(n_batches, 1) for key, value in totals.items()}
+                if not all(math.isfinite(v) for v in record.values()):
+                    raise FloatingPointError(f"{self.name} epoch {epoch}: non-finite training metrics {record}")
+                if valid is not None:
+                    record.update({f"valid_{k}": v for k, v in self.evaluate(valid).items()})
+                record["epoch"] = float(epoch)
+                self.history.append(record)
+                logger.info("%s epoch %d: %s", self.name, epoch, _fmt(record))
+                for callback in callbacks:
+                    callback(epoch, record)
+                if checkpoint_dir is not None:
+                    self._checkpoint(Path(checkpoint_dir), optimizer, epoch)
+        finally:
+            torch.set_num_threads(threads)
+        self.module.eval()
+        return self
+
+    def encode(self, corpus: Corpus) -> Components:
+        """Components of every item of ``corpus`` (frozen encoder, ``no_grad``)."""
+        module = self._require_module()
+        was_training = module.training
+        module.eval()
+        try:
+            with torch.no_grad():
+                return self._encode(corpus)
+        finally:
+            module.train(was_training)
+
+    # ---------------------------------------------------------------- persistence
+    def save(self, path: str | Path) -> Path:
+        """Folder ``path`` (atomic): ``meta.json`` (name, version, config, extra), ``state.pt``."""
+        module = self._require_module()
+        path = Path(path)
+        meta = {
+            "format_version": ENCODER_FORMAT_VERSION,
+            "encoder": self.name,
+            "modality": self.modality,
+            "output_dim": self.output_dim,
+            "config": dataclasses.asdict(self.config),
+            "extra": self.extra,
+            "history": self.history,
+        }
+        with _atomic_dir(path) as tmp:
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
+            torch.save({k: v.cpu() for k, v in module.state_dict().items()}, tmp / "state.pt")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Encoder:
+        """Load any saved encoder (dispatching on ``meta.json``'s name)."""
+        path = Path(path)
+        meta_file = path / "meta.json"
+        if not meta_file.is_file():
+            raise FileNotFoundError(f"{path} is not a saved encoder: meta.json is missing")
+        meta = json.loads(meta_file.read_text())
+        if meta.get("format_version") != ENCODER_FORMAT_VERSION:
+            raise ValueError(f"{meta_file}: format_version {meta.get('format_version')!r} is not supported")
+        encoder_cls = get_encoder(meta["encoder"])
+        if cls is not Encoder and not issubclass(encoder_cls, cls):
+            raise TypeError(f"{path} holds a {meta['encoder']!r} encoder, not a {cls.__name__}")
+        fields = {f.name for f in dataclasses.fields(encoder_cls.config_class)}
+        encoder = encoder_cls(encoder_cls.config_class(**{k: v for k, v in meta["config"].items() if k in fields}))
+        encoder.extra = meta.get("extra", {})
+        encoder.history = meta.get("history", [])
+        encoder.module = encoder._build_from_extra().to(encoder.device)
+        encoder.module.load_state_dict(torch.load(path / "state.pt", weights_only=True))
+        encoder.module.eval()
+        return encoder
+
+    def _build_from_extra(self) -> nn.Module:
+        """Rebuild the network from ``self.config`` and ``self.extra`` alone (used by ``load``).
+
+        Subclasses whose ``_build`` reads the corpus (vocabulary, image shape) store what they
+        read in ``self.extra`` there and override this.
+        """
+        return self._build(None)  # type: ignore[arg-type]
+
+    # ---------------------------------------------------------------- checkpoints
+    def _checkpoint(self, folder: Path, optimizer: torch.optim.Optimizer, epoch: int) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {
+            "epoch": epoch,
+            "module": self._require_module().state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "extra": self.extra,
+            "history": self.history,
+            "config": dataclasses.asdict(self.config),
+            "torch_rng": torch.get_rng_state(),
+        }
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".last.", suffix=".tmp")
+        os.close(fd)
+        try:
+            torch.save(state, tmp)
+            os.replace(tmp, folder / "last.pt")
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def _resume(self, folder: str | Path | None, optimizer: torch.optim.Optimizer) -> int:
+        """Load ``folder/last.pt`` if present; returns the last finished epoch (0 when fresh)."""
+        if folder is None or not (Path(folder) / "last.pt").is_file():
+            return 0
+        state = torch.load(Path(folder) / "last.pt", weights_only=False)
+        if state["extra"] != self.extra:
+            raise ValueError(
+                f"checkpoint {folder}/last.pt was made on other content ({sorted(state['extra'])} differs): "
+                "remove it or use another checkpoint_dir"
+            )
+        self._require_module().load_state_dict(state["module"])
+        optimizer.load_state_dict(state["optimizer"])
+        self.history = list(state["history"])
+        torch.set_rng_state(state["torch_rng"])
+        logger.info("%s: resumed from %s/last.pt after epoch %d", self.name, folder, state["epoch"])
+        return int(state["epoch"])
+
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def _fmt(record: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "epoch")
+
+
+class _atomic_dir:  # noqa: N801 - used as a context manager, like acfrec.utils.atomic_dir
+    """Temporary sibling folder renamed onto ``path`` on success (encoders may not import acfrec)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __enter__(self) -> Path:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp"))
+        return self.tmp
+
+    def __exit__(self, kind: Any, value: Any, tb: Any) -> None:
+        if kind is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        if self.path.exists():
+            old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
+            os.replace(self.path, old)
+            os.replace(self.tmp, self.path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.path)

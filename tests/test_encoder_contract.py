@@ -1,0 +1,135 @@
+"""One contract every registered encoder passes: fit, encode, save/load, determinism, resume.
+
+An encoder class may set ``test_overrides`` (a dict of config fields) to make itself tiny here;
+the contract always trains 2 epochs of at most 3 steps on a few dozen items.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from encoders import Components, Encoder, ImageCorpus, TextCorpus, available_encoders, get_encoder
+
+_WORDS = {
+    "subject": ["the detective", "a young woman", "the old sailor", "two brothers", "the robot", "a small town"],
+    "verb": ["finds", "loses", "hunts", "remembers", "builds", "destroys", "protects"],
+    "object": ["a hidden treasure", "the lost city", "an ancient map", "the secret letter", "a strange machine"],
+    "tail": ["at night", "in the war", "before winter", "with a friend", "after the storm", ""],
+}
+
+
+def tiny_images(n_items: int = 24, frames_per_item: int = 2, size: int = 12, seed: int = 0) -> ImageCorpus:
+    """Binary-ish blob images: a bright square at an item-specific place on a dark background."""
+    rng = np.random.default_rng(seed)
+    n = n_items * frames_per_item
+    images = np.zeros((n, 1, size, size), dtype=np.uint8)
+    corners = rng.integers(0, size - 4, size=(n, 2))
+    for index, (row, col) in enumerate(corners):  # test data, a few dozen images
+        images[index, 0, row : row + 4, col : col + 4] = 255
+    noise = rng.random(images.shape) < 0.03
+    images[noise] = 255 - images[noise]
+    offsets = np.arange(0, n + 1, frames_per_item, dtype=np.int64)
+    return ImageCorpus(images, offsets, [f"i{k}" for k in range(n_items)])
+
+
+def tiny_texts(n_items: int = 24, seed: int = 0) -> TextCorpus:
+    rng = np.random.default_rng(seed)
+    documents = []
+    for _ in range(n_items):
+        sentences = []
+        for _ in range(int(rng.integers(1, 4))):
+            words = [str(rng.choice(_WORDS[slot])) for slot in ("subject", "verb", "object", "tail")]
+            sentences.append(" ".join(w for w in words if w) + ".")
+        documents.append(sentences)
+    documents[3] = []  # an item without text still gets an (empty) run of components
+    return TextCorpus(documents, [f"t{k}" for k in range(n_items)])
+
+
+def corpus_for(encoder_cls: type[Encoder]) -> ImageCorpus | TextCorpus:
+    return tiny_texts() if encoder_cls.modality == "text" else tiny_images()
+
+
+def make(encoder_cls: type[Encoder], **extra) -> Encoder:
+    overrides = {"epochs": 2, "batch_size": 8, "max_steps_per_epoch": 3, "seed": 0}
+    overrides.update(getattr(encoder_cls, "test_overrides", {}))
+    overrides.update(extra)
+    return encoder_cls(**overrides)
+
+
+NAMES = available_encoders()
+
+
+def test_encoders_are_registered():
+    assert NAMES, "no encoder is registered"
+
+
+@pytest.mark.parametrize("name", NAMES)
+class TestEncoderContract:
+    def test_fit_encode_shapes(self, name):
+        cls = get_encoder(name)
+        corpus = corpus_for(cls)
+        encoder = make(cls).fit(corpus)
+        assert len(encoder.history) == 2 and np.isfinite(encoder.history[-1]["loss"])
+        components = encoder.encode(corpus)
+        assert isinstance(components, Components)
+        assert components.item_ids == corpus.item_ids
+        assert components.matrix.shape[1] == encoder.output_dim
+        assert components.matrix.dtype == np.float32 and np.isfinite(components.matrix).all()
+        counts = np.diff(components.offsets)
+        if cls.modality == "text":
+            assert counts[3] == 0 and counts.sum() > 0  # one component per sentence
+        else:
+            assert (counts > 0).all()
+
+    def test_save_load_identical(self, name, tmp_path):
+        cls = get_encoder(name)
+        corpus = corpus_for(cls)
+        encoder = make(cls).fit(corpus)
+        before = encoder.encode(corpus).matrix
+        encoder.save(tmp_path / "enc")
+        loaded = Encoder.load(tmp_path / "enc")
+        assert type(loaded) is cls and loaded.output_dim == encoder.output_dim
+        np.testing.assert_array_equal(loaded.encode(corpus).matrix, before)
+
+    def test_seeded_runs_repeat(self, name):
+        cls = get_encoder(name)
+        corpus = corpus_for(cls)
+        first = make(cls).fit(corpus).encode(corpus).matrix
+        second = make(cls).fit(corpus).encode(corpus).matrix
+        np.testing.assert_array_equal(first, second)
+
+    def test_resume_from_checkpoint(self, name, tmp_path):
+        cls = get_encoder(name)
+        corpus = corpus_for(cls)
+        straight = make(cls).fit(corpus).encode(corpus).matrix
+        make(cls, epochs=1).fit(corpus, checkpoint_dir=tmp_path / "ckpt")
+        resumed = make(cls).fit(corpus, checkpoint_dir=tmp_path / "ckpt")
+        assert [int(r["epoch"]) for r in resumed.history] == [1, 2]
+        np.testing.assert_allclose(resumed.encode(corpus).matrix, straight, rtol=1e-5, atol=1e-6)
+
+    def test_evaluate_reports_finite_numbers(self, name):
+        cls = get_encoder(name)
+        corpus = corpus_for(cls)
+        figures = make(cls).fit(corpus).evaluate(corpus)
+        assert figures and all(np.isfinite(v) for v in figures.values())
+
+    def test_unfitted_encode_is_a_clear_error(self, name):
+        cls = get_encoder(name)
+        with pytest.raises(RuntimeError, match="not fitted"):
+            make(cls).encode(corpus_for(cls))
+
+
+def test_unknown_encoder_names_the_choices():
+    with pytest.raises(KeyError, match="available"):
+        get_encoder("no-such-encoder")
+
+
+def test_encoders_package_does_not_import_acfrec():
+    """encoders/ depends on torch/torchvision only (acfrec imports encoders, never the reverse)."""
+    import subprocess
+    import sys
+
+    code = "import sys, encoders; bad = sorted(m for m in sys.modules if m.split('.')[0] == 'acfrec'); print(bad); sys.exit(bool(bad))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
