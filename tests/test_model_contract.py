@@ -276,3 +276,127 @@ def test_failing_save_leaves_nothing_behind(
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]  # nothing partial, old one intact
     assert torch.equal(Recommender.load(tmp_path / "kept").score_all(USERS), fitted.model.score_all(USERS))
+
+
+# -------------------------------------------------------------------- id maps
+def test_fit_on_a_split_keeps_its_id_maps(fitted: Fitted, small_split: Split) -> None:
+    assert fitted.model.users == small_split.users and fitted.model.items == small_split.items
+
+
+def test_id_maps_survive_save_and_load(fitted: Fitted, small_split: Split, tmp_path: Path) -> None:
+    path = fitted.model.save(tmp_path / "model")
+    assert (path / "users.json").is_file() and (path / "items.json").is_file()
+    loaded = Recommender.load(path)
+    assert loaded.users == small_split.users and loaded.items == small_split.items
+    assert loaded.items.to_index(["i7"]).tolist() == small_split.items.to_index(["i7"]).tolist()
+
+
+def test_folders_without_id_maps_still_load(fitted: Fitted, tmp_path: Path) -> None:
+    """Folders saved before models kept their ids (or by a model fitted on a bare matrix) load with None."""
+    path = fitted.model.save(tmp_path / "model")
+    (path / "users.json").unlink()
+    (path / "items.json").unlink()
+    loaded = Recommender.load(path)
+    assert loaded.users is None and loaded.items is None
+    assert torch.equal(loaded.score_all(USERS), fitted.model.score_all(USERS))
+
+
+def test_an_id_map_of_the_wrong_size_is_refused(fitted: Fitted, tmp_path: Path) -> None:
+    from acfrec.data.idmap import IdMap
+    from acfrec.errors import ArtifactError
+
+    path = fitted.model.save(tmp_path / "model")
+    IdMap(["a", "b"], kind="item").save(path / "items.json")
+    with pytest.raises(ArtifactError, match="items.json has 2 ids"):
+        Recommender.load(path)
+
+
+# ------------------------------------------------------------- score_histories
+HISTORY_USERS = np.array([0, 3, 7, 11])
+
+
+def _histories_or_skip(model: Recommender, histories: sp.csr_matrix) -> torch.Tensor:
+    try:
+        return model.score_histories(histories)
+    except NotImplementedError as error:
+        pytest.skip(f"{model.name} has no score_histories yet: {error}")
+
+
+def test_score_histories_shape_and_rows(fitted: Fitted, small_split: Split) -> None:
+    """Scores of new users' histories: one row per history, each independent of the others."""
+    histories = small_split.train[HISTORY_USERS]
+    scores = _histories_or_skip(fitted.model, histories)
+    assert isinstance(scores, torch.Tensor) and scores.dtype == torch.float32
+    assert scores.shape == (HISTORY_USERS.size, small_split.n_items)
+    assert torch.isfinite(scores).all()
+    alone = torch.cat([fitted.model.score_histories(histories[[row]]) for row in range(HISTORY_USERS.size)])
+    torch.testing.assert_close(scores, alone, rtol=1e-4, atol=1e-5)
+    if fitted.name != "itempop":  # popularity ignores the history by design
+        assert not torch.allclose(scores[0], scores[1])
+
+
+def test_score_histories_bad_input(fitted: Fitted, small_split: Split) -> None:
+    _histories_or_skip(fitted.model, small_split.train[:1])
+    wrong = sp.csr_matrix((1, small_split.n_items + 1), dtype=np.float32)
+    for bad in (wrong, small_split.train[:1].toarray()):
+        with pytest.raises(DataValidationError, match="histories"):
+            fitted.model.score_histories(bad)
+
+
+# Exact checks of each model's history representation (fast options, shared small split).
+@pytest.mark.parametrize("name", ["itempop", "fism"])
+def test_history_of_a_training_user_scores_like_that_user(name: str, fitted_by_name, small_split: Split) -> None:
+    """ItemPop and FISM see a user only through the history: a copied history scores identically."""
+    model = fitted_by_name(name)
+    expected = model.score_all(HISTORY_USERS)
+    torch.testing.assert_close(model.score_histories(small_split.train[HISTORY_USERS]), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_svdpp_new_user_has_no_free_factors(fitted_by_name, small_split: Split) -> None:
+    model = fitted_by_name("svdpp")
+    users = torch.as_tensor(HISTORY_USERS)
+    with torch.no_grad():
+        free = model.module.user(users) @ model.module.item.weight.T
+    expected = model.score_all(HISTORY_USERS) - free
+    torch.testing.assert_close(model.score_histories(small_split.train[HISTORY_USERS]), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_fold_in_solves_implicit_als_user_step(fitted_by_name, small_split: Split) -> None:
+    """``fold_in`` with ALS's confidence and ridge is ``implicit``'s own user solve (which ALS uses)."""
+    from acfrec.models._factor import fold_in
+
+    model = fitted_by_name("als")
+    histories = small_split.train[HISTORY_USERS]
+    ours = fold_in(torch.from_numpy(model.item_factors()), histories, confidence=model.config.alpha,
+                   regularization=model.config.regularization, relative=False)
+    np.testing.assert_allclose(ours.numpy(), model._history_user_factors(histories), rtol=1e-3, atol=1e-5)
+    scores = model.score_histories(histories)
+    np.testing.assert_allclose(scores.numpy(), ours.numpy() @ model.item_factors().T, rtol=1e-3, atol=1e-4)
+
+
+def test_bpr_fold_in_is_the_weighted_least_squares_optimum(fitted_by_name, small_split: Split) -> None:
+    """The gradient of the fold-in objective vanishes at BPR-MF's new-user vectors."""
+    from acfrec.models._factor import FOLD_IN_CONFIDENCE, FOLD_IN_REGULARIZATION
+
+    model = fitted_by_name("bpr-mf")
+    histories = small_split.train[HISTORY_USERS]
+    factors = model.module.item.weight.detach().double()
+    x = model._history_user_vectors(histories).double()
+    preference = torch.as_tensor(histories.toarray(), dtype=torch.float64)
+    confidence = 1 + (FOLD_IN_CONFIDENCE - 1) * preference
+    ridge = FOLD_IN_REGULARIZATION * (factors.T @ factors).trace() / factors.shape[1]
+    gradient = ((confidence * (x @ factors.T - preference)) @ factors) + ridge * x
+    assert gradient.abs().max() < 1e-3 * (1 + (confidence * preference) @ factors).abs().max()
+
+
+@pytest.fixture(scope="module")
+def fitted_by_name(small_split: Split):
+    """``fitted_by_name(name)``: model ``name`` with the fast options, fitted once per module."""
+    cache: dict[str, Recommender] = {}
+
+    def get(name: str) -> Recommender:
+        if name not in cache:
+            cache[name] = make(name).fit(small_split)
+        return cache[name]
+
+    return get

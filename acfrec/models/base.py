@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -24,7 +24,7 @@ import polars as pl
 import scipy.sparse as sp
 import torch
 
-from acfrec.data.idmap import check_indices
+from acfrec.data.idmap import IdMap, check_indices
 from acfrec.data.split import Split
 from acfrec.errors import ArtifactError, DataValidationError, NotFittedError
 from acfrec.utils import atomic_dir
@@ -115,7 +115,8 @@ class Recommender(ABC):
 
     Subclasses set ``config_class`` and implement ``_fit``, ``score_all``, ``_state`` and
     ``_set_state``. After ``fit`` (or ``load``), ``n_users``, ``n_items`` and ``seen`` (the
-    training matrix, excluded by ``recommend``) are set.
+    training matrix, excluded by ``recommend``) are set. ``users`` / ``items`` are the external
+    id maps when the model was fitted on a Split (saved with it), else None.
     """
 
     name: ClassVar[str] = "base"
@@ -131,6 +132,8 @@ class Recommender(ABC):
             raise TypeError(f"{type(self).__name__}: unknown config option(s) {unknown}; known: {sorted(known)}")
         self.config = dataclasses.replace(config, **overrides)
         self.seen: sp.csr_matrix | None = None
+        self.users: IdMap | None = None
+        self.items: IdMap | None = None
         self.history: list[dict] = []
         # Called as callback(epoch, metrics) after each training epoch (tracking hooks in here;
         # models themselves never log).
@@ -149,10 +152,12 @@ class Recommender(ABC):
         # Set before _fit because training evaluates through score_all; undone on failure so a
         # half-trained model never looks fitted.
         self.seen = data.train
+        split = data.split
+        self.users, self.items = (split.users, split.items) if split is not None else (None, None)
         try:
             self._fit(data)
         except BaseException:
-            self.seen = None
+            self.seen = self.users = self.items = None
             raise
         return self
 
@@ -217,6 +222,8 @@ class Recommender(ABC):
         exclude_seen: bool = True,
         exclude: sp.csr_matrix | None = None,
         batch_size: int = 2048,
+        allow: np.ndarray | list[int] | None = None,
+        deny: np.ndarray | list[int] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` items per user.
 
@@ -224,6 +231,8 @@ class Recommender(ABC):
             users: ``(batch,)`` user indices.
             exclude_seen: drop the user's training items.
             exclude: optional extra ``(n_users, n_items)`` CSR of items to drop.
+            allow: optional ``(m,)`` item indices; only these may be recommended.
+            deny: optional ``(m,)`` item indices never recommended.
         Returns:
             ``(items, scores)``, each ``(batch, k)``; item -1 / score -inf pad rows of users with
             fewer than ``k`` unseen items.
@@ -231,22 +240,69 @@ class Recommender(ABC):
         seen = self._require_fitted()
         users = np.asarray(users, dtype=np.int64).reshape(-1)
         check_indices(users, self.n_users, "user")
-        if not 0 < k <= self.n_items:
-            raise DataValidationError(f"k must be in 1..n_items={self.n_items}, got {k}")
+        self._check_k(k)
         masks = [m for m in (seen if exclude_seen else None, exclude) if m is not None]
+        blocked = self.blocked_items(allow, deny)
         out_items = np.empty((users.size, k), dtype=np.int64)
         out_scores = np.empty((users.size, k), dtype=np.float32)
         for start in range(0, users.size, batch_size):
             chunk = users[start : start + batch_size]
-            scores = self.score_all(chunk).float().clone()
-            for mask in masks:
-                rows, cols = mask[chunk].nonzero()
-                scores[torch.as_tensor(rows), torch.as_tensor(cols)] = -torch.inf
-            top_scores, top_items = torch.topk(scores, k, dim=1)
-            top_items[torch.isinf(top_scores) & (top_scores < 0)] = -1
-            out_items[start : start + chunk.size] = top_items.cpu().numpy()
-            out_scores[start : start + chunk.size] = top_scores.cpu().numpy()
+            rows = slice(start, start + chunk.size)
+            out_items[rows], out_scores[rows] = masked_top_k(
+                self.score_all(chunk), k, [mask[chunk] for mask in masks], blocked
+            )
         return out_items, out_scores
+
+    def _check_k(self, k: int) -> None:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 < k <= self.n_items:
+            raise DataValidationError(f"k must be an integer in 1..n_items={self.n_items}, got {k!r}")
+
+    def blocked_items(
+        self, allow: np.ndarray | list[int] | None = None, deny: np.ndarray | list[int] | None = None
+    ) -> np.ndarray | None:
+        """``(n_items,)`` bool, True for items an allow list leaves out or a deny list names; None without lists."""
+        if allow is None and deny is None:
+            return None
+        blocked = np.zeros(self.n_items, dtype=bool)
+        if allow is not None:
+            allowed = np.asarray(allow, dtype=np.int64).reshape(-1)
+            check_indices(allowed, self.n_items, "item")
+            blocked[:] = True
+            blocked[allowed] = False
+        if deny is not None:
+            denied = np.asarray(deny, dtype=np.int64).reshape(-1)
+            check_indices(denied, self.n_items, "item")
+            blocked[denied] = True
+        return blocked
+
+    def score_histories(self, histories: sp.spmatrix) -> torch.Tensor:
+        """Scores of every item for users known only by their histories (no fitted user row).
+
+        Args:
+            histories: ``(n, n_items)`` sparse matrix, nonzero where the new user consumed an item.
+        Returns:
+            ``(n, n_items)`` float32 tensor, higher is better (history items are not removed).
+        Models without a history-based user representation raise NotImplementedError.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} ({self.name!r}) cannot score a new user from a history: it has no "
+            "score_histories (models that do: itempop, bpr-mf, fism, svdpp, als, implicit-bpr, acf)"
+        )
+
+    def _check_histories(self, histories: Any) -> sp.csr_matrix:
+        """``histories`` as a ``(n, n_items)`` CSR of 1.0 with sorted indices; DataValidationError otherwise."""
+        self._require_fitted()
+        if not sp.issparse(histories):
+            raise DataValidationError(
+                f"histories must be a scipy sparse (n, n_items={self.n_items}) matrix, got {type(histories).__name__}"
+            )
+        if histories.ndim != 2 or histories.shape[1] != self.n_items:
+            raise DataValidationError(f"histories must have shape (n, n_items={self.n_items}), got {histories.shape}")
+        matrix = sp.csr_matrix(histories, dtype=np.float32, copy=True)
+        matrix.eliminate_zeros()
+        matrix.sum_duplicates()
+        matrix.data[:] = 1.0
+        return matrix
 
     def item_factors(self) -> np.ndarray | None:
         """``(n_items, dim)`` item vectors when the score is an inner product with them, else None."""
@@ -296,6 +352,9 @@ class Recommender(ABC):
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
             sp.save_npz(tmp / "seen.npz", seen)
             torch.save(self._state(), tmp / "state.pt")
+            for id_map, name in ((self.users, "users.json"), (self.items, "items.json")):
+                if id_map is not None:
+                    id_map.save(tmp / name)
         return path
 
     @classmethod
@@ -317,8 +376,43 @@ class Recommender(ABC):
                 raise ArtifactError(f"saved model {path} is incomplete: {name} is missing")
         model.seen = sp.load_npz(path / "seen.npz").tocsr()
         model.history = meta.get("history", [])
+        model.users, model.items = _load_id_maps(path, model.seen.shape)
         model._set_state(torch.load(path / "state.pt", weights_only=False))
         return model
+
+
+def _load_id_maps(path: Path, shape: tuple[int, int]) -> tuple[IdMap | None, IdMap | None]:
+    """The saved ``users.json`` / ``items.json`` (None for folders saved without them), checked against ``shape``."""
+    maps = []
+    for name, expected in (("users.json", shape[0]), ("items.json", shape[1])):
+        id_map = IdMap.load(path / name) if (path / name).is_file() else None
+        if id_map is not None and len(id_map) != expected:
+            raise ArtifactError(f"{path / name} has {len(id_map)} ids but seen.npz has {expected} rows/columns for them")
+        maps.append(id_map)
+    return maps[0], maps[1]
+
+
+def masked_top_k(
+    scores: torch.Tensor, k: int, exclude: Sequence[sp.csr_matrix] = (), blocked: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` of ``(batch, n_items)`` scores with per-row and per-column exclusions.
+
+    Args:
+        exclude: ``(batch, n_items)`` CSR matrices; their nonzeros are dropped.
+        blocked: ``(n_items,)`` bool columns dropped for every row.
+    Returns:
+        ``(items, scores)``, ``(batch, k)`` int64 / float32, best first; item -1 and score -inf
+        where fewer than ``k`` items remain.
+    """
+    scores = scores.float().clone()
+    for mask in exclude:
+        rows, cols = mask.nonzero()
+        scores[torch.as_tensor(rows), torch.as_tensor(cols)] = -torch.inf
+    if blocked is not None:
+        scores[:, torch.as_tensor(blocked)] = -torch.inf
+    top_scores, top_items = torch.topk(scores, k, dim=1)
+    top_items[torch.isinf(top_scores) & (top_scores < 0)] = -1
+    return top_items.cpu().numpy(), top_scores.cpu().numpy()
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """BPR-MF (Rendle et al. 2009): matrix factorisation trained with the pairwise BPR loss.
 
-``s(u, j) = b_j + p_u . q_j``.
+``s(u, j) = b_j + p_u . q_j``. A new user known only by a history (``score_histories``) gets
+``p`` folded in by regularised least squares against the item factors (:func:`fold_in`).
 """
 
 from __future__ import annotations
@@ -8,9 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import scipy.sparse as sp
 import torch
 
-from acfrec.models._factor import FactorConfig, FactorModule, FactorRecommender, embedding
+from acfrec.models._factor import FactorConfig, FactorModule, FactorRecommender, embedding, fold_in
 from acfrec.models.base import ModelConfig, TrainData, register
 
 
@@ -33,6 +35,9 @@ class BPRMF(FactorRecommender):
 
     def _user_vectors(self, users: torch.Tensor) -> torch.Tensor:
         return self.module.user(users)
+
+    def _history_user_vectors(self, histories: sp.csr_matrix) -> torch.Tensor:
+        return fold_in(self.module.item.weight, histories)
 
     def _training_user_vectors(
         self, users: torch.Tensor, positives: torch.Tensor

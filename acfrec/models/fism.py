@@ -14,7 +14,7 @@ from typing import ClassVar
 
 import torch
 
-from acfrec.models._factor import FactorConfig, FactorModule, FactorRecommender, UserHistory, embedding
+from acfrec.models._factor import FactorConfig, FactorModule, PooledHistoryRecommender, UserHistory, embedding
 from acfrec.models.base import ModelConfig, TrainData, register
 
 
@@ -32,8 +32,13 @@ class FISMConfig(FactorConfig):
 
 
 @register("fism")
-class FISM(FactorRecommender):
-    """Factored item similarity; ``item_factors`` are the target embeddings ``q_j``."""
+class FISM(PooledHistoryRecommender):
+    """Factored item similarity; ``item_factors`` are the target embeddings ``q_j``.
+
+    A new user's history is pooled exactly like a training user's (``score_histories`` of a
+    training history equals that user's ``score_all`` row); ``explain`` splits a score into
+    one contribution per history item.
+    """
 
     config_class: ClassVar[type[ModelConfig]] = FISMConfig
 

@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 
 import implicit.gpu
 import numpy as np
+import scipy.sparse as sp
 import torch
 from implicit.cpu.als import AlternatingLeastSquares
 from implicit.cpu.bpr import BayesianPersonalizedRanking
@@ -28,6 +29,7 @@ from threadpoolctl import threadpool_limits
 
 from acfrec.data.idmap import check_indices
 from acfrec.errors import ArtifactError, DataValidationError
+from acfrec.models._factor import fold_in
 from acfrec.models.base import ModelConfig, Recommender, TrainData, register
 
 
@@ -106,6 +108,16 @@ class _ImplicitMF(Recommender):
         check_indices(users, self.n_users, "user")
         return torch.from_numpy(self._user_factors[users]) @ torch.from_numpy(self._item_factors).T
 
+    def score_histories(self, histories: sp.spmatrix) -> torch.Tensor:
+        """``(n, n_items)`` sparse histories of new users -> ``(n, n_items)`` float32 scores."""
+        histories = self._check_histories(histories)
+        vectors = np.asarray(self._history_user_factors(histories), dtype=np.float32)
+        return torch.from_numpy(vectors) @ torch.from_numpy(self._item_factors).T
+
+    @abstractmethod
+    def _history_user_factors(self, histories: sp.csr_matrix) -> np.ndarray:
+        """``(n, n_items)`` CSR histories -> ``(n, dim)`` user factors (same columns as ``user_factors()``)."""
+
     def user_factors(self) -> np.ndarray:
         """``(n_users, dim)`` user vectors: ``score_all(u) == user_factors()[u] @ item_factors().T``."""
         self._require_fitted()
@@ -149,23 +161,35 @@ class ALS(_ImplicitMF):
     def _epoch_metrics(loss: float | None = None, *_: Any) -> dict[str, float]:
         return {} if loss is None else {"loss": float(loss)}
 
-    def _estimator(self) -> Any:
+    def _history_user_factors(self, histories: sp.csr_matrix) -> np.ndarray:
+        """``implicit``'s own ``recalculate_user``: the ALS user solve against the fitted item factors."""
+        estimator = self._cpu_estimator()
+        estimator.item_factors = self._item_factors
+        with threadpool_limits(1, "blas"):
+            return estimator.recalculate_user(np.arange(histories.shape[0]), histories)
+
+    def _options(self) -> dict[str, Any]:
         config = self.config
-        options = dict(
+        return dict(
             factors=config.factors,
             regularization=config.regularization,
             alpha=config.alpha,
             iterations=config.iterations,
             random_state=config.seed,
         )
-        if config.use_gpu:
+
+    def _cpu_estimator(self) -> Any:
+        # The CPU class directly: implicit's factory picks the GPU whenever CUDA is present.
+        return AlternatingLeastSquares(**self._options(), num_threads=self.config.num_threads)
+
+    def _estimator(self) -> Any:
+        if self.config.use_gpu:
             if not implicit.gpu.HAS_CUDA:
                 raise DataValidationError("als: use_gpu=True but the installed implicit has no CUDA support")
             from implicit.gpu.als import AlternatingLeastSquares as GpuALS
 
-            return GpuALS(**options)
-        # The CPU class directly: implicit's factory picks the GPU whenever CUDA is present.
-        return AlternatingLeastSquares(**options, num_threads=config.num_threads)
+            return GpuALS(**self._options())
+        return self._cpu_estimator()
 
 
 @register("implicit-bpr")
@@ -188,6 +212,12 @@ class ImplicitBPR(_ImplicitMF):
     @property
     def deterministic(self) -> bool:
         return self.config.num_threads == 1
+
+    def _history_user_factors(self, histories: sp.csr_matrix) -> np.ndarray:
+        """``implicit``'s BPR cannot recalculate a user: fold in (:func:`fold_in`) on the factor
+        columns, and keep the bias column's user side at 1.0 as ``implicit`` does."""
+        vectors = fold_in(torch.from_numpy(self._item_factors[:, :-1]), histories).numpy()
+        return np.hstack([vectors, np.ones((vectors.shape[0], 1), dtype=np.float32)])
 
     def _estimator(self) -> Any:
         config = self.config

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 
 from acfrec.models.base import Recommender, TrainData, register
@@ -29,6 +30,11 @@ class ItemPop(Recommender):
         """``(batch,)`` -> ``(batch, n_items)`` float32: the popularity row repeated."""
         users = np.asarray(users, dtype=np.int64).reshape(-1)
         return self._popularity().expand(users.size, -1).clone()
+
+    def score_histories(self, histories: sp.spmatrix) -> torch.Tensor:
+        """``(n, n_items)`` histories -> ``(n, n_items)``: popularity, whatever the history."""
+        histories = self._check_histories(histories)
+        return self._popularity().expand(histories.shape[0], -1).clone()
 
     def _score_pairs(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
         return self._popularity().numpy()[items]

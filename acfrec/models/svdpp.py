@@ -11,7 +11,7 @@ from typing import ClassVar
 
 import torch
 
-from acfrec.models._factor import FactorConfig, FactorModule, FactorRecommender, UserHistory, embedding
+from acfrec.models._factor import FactorConfig, FactorModule, PooledHistoryRecommender, UserHistory, embedding
 from acfrec.models.base import ModelConfig, TrainData, register
 
 
@@ -23,8 +23,11 @@ class SVDPPConfig(FactorConfig):
 
 
 @register("svdpp")
-class SVDPP(FactorRecommender):
-    """Free user factors plus the normalised sum of implicit item factors ``y_l``."""
+class SVDPP(PooledHistoryRecommender):
+    """Free user factors plus the normalised sum of implicit item factors ``y_l``.
+
+    A new user (``score_histories``) has no free factors: ``p_u = 0``, only the pooled history.
+    """
 
     config_class: ClassVar[type[ModelConfig]] = SVDPPConfig
 
@@ -39,6 +42,9 @@ class SVDPP(FactorRecommender):
     def _user_vectors(self, users: torch.Tensor) -> torch.Tensor:
         implicit = self.module.history.pool(self.module.history_item.weight, users, self.config.alpha)
         return self.module.user(users) + implicit.full
+
+    def _user_term(self, user: int, target: torch.Tensor) -> float:
+        return float(self.module.user.weight[user] @ target)
 
     def _training_user_vectors(
         self, users: torch.Tensor, positives: torch.Tensor
