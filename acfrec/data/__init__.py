@@ -1,5 +1,6 @@
 """Data layer: reading and validation, id maps, leave-one-out splits, samplers, feature stores."""
 
+from acfrec.data.cold import ColdSplit, cold_item_split
 from acfrec.data.idmap import IdMap
 from acfrec.data.interactions import Interactions
 from acfrec.data.io import read_interactions
@@ -13,6 +14,8 @@ __all__ = [
     "read_interactions",
     "Split",
     "leave_one_out",
+    "ColdSplit",
+    "cold_item_split",
     "TIE_RULES",
     "BPRSampler",
     "BPRBatch",

@@ -1,0 +1,145 @@
+"""Content cold-start table: a seeded 20% of items held out entirely, ranked from content alone.
+
+Data sets:
+* ``planted``: the planted image catalogue (:func:`acfrec.datasets.catalogue.planted_catalogue`),
+  item content = mean pixel-PCA feature of its frames (real digit images).
+* ``ml100k``: MovieLens 100K, item content = mean hashed bag of words of its plot sentences
+  (:func:`acfrec.datasets.movielens.plot_component_store`); movies without a matched plot have
+  no content (zero vector) and so tie at the bottom of every content ranking.
+
+Rows: random, content-pop (popularity of the ``k`` nearest warm items by content), content-kNN
+(cosine to the user's mean history content) and a slot for the content-tower model. Columns:
+Recall@K / NDCG@K among the cold items only and among all items (cold mixed into the warm
+catalogue, the user's warm interactions removed), averaged over users with a cold interaction;
+``vs``/``diff``/``p_value``: paired Wilcoxon test against the best row on cold Recall@K.
+
+    python benchmarks/bench_cold_start.py [--data ../shared/data] [--datasets planted ml100k] [--k 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from acfrec.data import ColdSplit, Interactions, cold_item_split, read_interactions
+from acfrec.data.components import ComponentStore
+from acfrec.eval.cold import ColdResult, cold_table, evaluate_cold
+from acfrec.models.content_knn import ContentKNN, ContentPopularity, ContentScorer, RandomScorer, item_content
+
+DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+CONTENT_TOWER = "acf + content tower"
+
+
+def baselines(args: argparse.Namespace) -> list[ContentScorer]:
+    return [RandomScorer(seed=args.seed), ContentPopularity(k=args.neighbours), ContentKNN()]
+
+
+def content_tower(cold: ColdSplit, store: ComponentStore, args: argparse.Namespace) -> object:
+    """The content-tower model's row: fit on ``cold.warm`` with ``store``, score the full item space.
+
+    Not implemented yet: ACF has no content tower so far. Return a scorer with
+    ``score_all(users) -> (batch, cold.n_items)`` here and the row fills in.
+    """
+    raise NotImplementedError("ACF has no content tower yet")
+
+
+def planted(args: argparse.Namespace, folder: Path) -> tuple[Interactions, ComponentStore, str]:
+    from acfrec.datasets.catalogue import planted_catalogue
+
+    catalogue = planted_catalogue(n_users=args.planted_users, n_items=args.planted_items, seed=args.seed)
+    data = Interactions.from_frame(catalogue.interactions, timestamp_col="timestamp", source="planted catalogue")
+    store = catalogue.write_store(folder / "frames", dim=args.pixel_dim, seed=args.seed)
+    return data, store, f"planted catalogue, frame pixel-PCA {args.pixel_dim}-d"
+
+
+def ml100k(args: argparse.Namespace, folder: Path) -> tuple[Interactions, ComponentStore, str]:
+    from acfrec.datasets.movielens import plot_component_store
+
+    data = read_interactions(args.data / "ml-100k" / "ml-100k.inter")
+    store = plot_component_store(
+        folder / "plots",
+        dim=args.plot_dim,
+        items_file=args.data / "ml-100k" / "ml-100k.item",
+        plots_file=args.data / "movie-plots" / "movies_extrainfos.dat",
+        seed=args.seed,
+    )
+    return data, store, f"ML-100K, plot sentences hashed BoW {args.plot_dim}-d"
+
+
+DATASETS: dict[str, Callable[[argparse.Namespace, Path], tuple[Interactions, ComponentStore, str]]] = {
+    "planted": planted,
+    "ml100k": ml100k,
+}
+
+
+def run(name: str, args: argparse.Namespace) -> str:
+    with tempfile.TemporaryDirectory() as folder:
+        data, store, source = DATASETS[name](args, Path(folder))
+        cold = cold_item_split(data, cold_share=args.cold_share, seed=args.seed)
+        content = item_content(store, cold.items, max_components=args.max_components)
+        results: dict[str, ColdResult] = {}
+        for scorer in baselines(args):
+            start = time.perf_counter()
+            scorer.fit(cold.warm.train, content)
+            results[scorer.name] = evaluate_cold(scorer, cold, ks=(10, args.k, 50), label=scorer.name)
+            results[scorer.name].seconds["fit+eval"] = time.perf_counter() - start
+        missing = ""
+        try:
+            tower = content_tower(cold, store, args)
+            results[CONTENT_TOWER] = evaluate_cold(tower, cold, ks=(10, args.k, 50), label=CONTENT_TOWER)
+        except NotImplementedError as reason:
+            missing = f"| {CONTENT_TOWER} | n/a ({reason}) | | | |"
+    has_content = content.abs().sum(dim=1) > 0
+    summary = cold.summary()
+    lines = [
+        f"## {source}",
+        f"users {cold.n_users}, warm items {cold.n_warm}, cold items {cold.n_cold} "
+        f"({int(has_content[cold.n_warm:].sum())} with content), cold interactions "
+        f"{summary['n_cold_interactions']}, users with a cold interaction {summary['n_cold_users']}; "
+        f"split fingerprint {summary['fingerprint']}",
+        "",
+        cold_table(results, metrics=(f"Recall@{args.k}", f"NDCG@{args.k}")),
+    ]
+    if missing:
+        lines.append(missing)
+    seconds = ", ".join(f"{label} {r.seconds['fit+eval']:.2f}" for label, r in results.items() if "fit+eval" in r.seconds)
+    lines += ["", f"seconds (fit + evaluate, shared CPU, noisy): {seconds}", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="shared data folder (ML-100K, plots)")
+    parser.add_argument("--datasets", nargs="+", choices=sorted(DATASETS), default=["planted", "ml100k"])
+    parser.add_argument("--cold-share", type=float, default=0.2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--k", type=int, default=20, help="cutoff shown in the table (10 and 50 are computed too)")
+    parser.add_argument("--neighbours", type=int, default=10, help="warm neighbours of content-pop")
+    parser.add_argument("--max-components", type=int, default=64)
+    parser.add_argument("--planted-users", type=int, default=500)
+    parser.add_argument("--planted-items", type=int, default=300)
+    parser.add_argument("--pixel-dim", type=int, default=32)
+    parser.add_argument("--plot-dim", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    np.set_printoptions(precision=4)
+    print("command: python benchmarks/bench_cold_start.py " + shlex.join(sys.argv[1:] if argv is None else argv))
+    print()
+    for name in args.datasets:
+        if name == "ml100k" and not (args.data / "ml-100k" / "ml-100k.inter").is_file():
+            print(f"## ML-100K skipped: {args.data / 'ml-100k' / 'ml-100k.inter'} not found\n")
+            continue
+        print(run(name, args), flush=True)
+
+
+if __name__ == "__main__":
+    main()
