@@ -3,6 +3,8 @@
 Data sets:
 * ``planted``: the planted image catalogue (:func:`acfrec.datasets.catalogue.planted_catalogue`),
   item content = mean pixel-PCA feature of its frames (real digit images).
+* ``planted-encoded``: the same catalogue, frames encoded by a learned image encoder
+  (``--frame-encoder``, default PixelCNN with one vector per frame), trained on the frames alone.
 * ``ml100k``: MovieLens 100K, item content = mean hashed bag of words of its plot sentences
   (:func:`acfrec.datasets.movielens.plot_component_store`); movies without a matched plot have
   no content (zero vector) and so tie at the bottom of every content ranking.
@@ -13,7 +15,8 @@ Recall@K / NDCG@K among the cold items only and among all items (cold mixed into
 catalogue, the user's warm interactions removed), averaged over users with a cold interaction;
 ``vs``/``diff``/``p_value``: paired Wilcoxon test against the best row on cold Recall@K.
 
-    python benchmarks/bench_cold_start.py [--data ../shared/data] [--datasets planted ml100k] [--k 20]
+    python benchmarks/bench_cold_start.py [--data ../shared/data] [--datasets planted planted-encoded ml100k]
+        [--k 20] [--frame-encoder pixelcnn --encoder-epochs 3]
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import torch
 
 from acfrec.data import ColdSplit, Interactions, cold_item_split, read_interactions
 from acfrec.data.components import ComponentStore
+from acfrec.datasets.catalogue import Catalogue, planted_catalogue
 from acfrec.eval.cold import ColdResult, cold_table, evaluate_cold
 from acfrec.models.content_knn import ContentKNN, ContentPopularity, ContentScorer, RandomScorer, item_content
 
@@ -51,13 +55,38 @@ def content_tower(cold: ColdSplit, store: ComponentStore, args: argparse.Namespa
     raise NotImplementedError("ACF has no content tower yet")
 
 
-def planted(args: argparse.Namespace, folder: Path) -> tuple[Interactions, ComponentStore, str]:
-    from acfrec.datasets.catalogue import planted_catalogue
-
+def catalogue_interactions(args: argparse.Namespace) -> tuple[Catalogue, Interactions]:
     catalogue = planted_catalogue(n_users=args.planted_users, n_items=args.planted_items, seed=args.seed)
     data = Interactions.from_frame(catalogue.interactions, timestamp_col="timestamp", source="planted catalogue")
+    return catalogue, data
+
+
+def planted(args: argparse.Namespace, folder: Path) -> tuple[Interactions, ComponentStore, str]:
+    catalogue, data = catalogue_interactions(args)
     store = catalogue.write_store(folder / "frames", dim=args.pixel_dim, seed=args.seed)
     return data, store, f"planted catalogue, frame pixel-PCA {args.pixel_dim}-d"
+
+
+def planted_encoded(args: argparse.Namespace, folder: Path) -> tuple[Interactions, ComponentStore, str]:
+    """The catalogue's frames encoded by a learned image encoder, trained on the frames (no users)."""
+    from encoders import get_encoder
+    from encoders.corpus import ImageCorpus
+
+    catalogue, data = catalogue_interactions(args)
+    corpus = ImageCorpus(catalogue.frames, catalogue.item_offsets, list(catalogue.item_ids))
+    options = {"epochs": args.encoder_epochs, "seed": args.seed, "num_threads": args.threads, "components": "frames"}
+    encoder = get_encoder(args.frame_encoder)(**options)
+    start = time.perf_counter()
+    encoder.fit(corpus)
+    components = encoder.encode(corpus)
+    seconds = time.perf_counter() - start
+    meta = {"encoder": args.frame_encoder, "encoder_config": options}
+    store = ComponentStore.write(folder / "encoded", components.item_ids, (components.matrix, components.offsets), meta=meta)
+    source = (
+        f"planted catalogue, frames encoded by {args.frame_encoder} ({args.encoder_epochs} epochs, "
+        f"{components.matrix.shape[1]}-d, {seconds:.0f} s to train and encode)"
+    )
+    return data, store, source
 
 
 def ml100k(args: argparse.Namespace, folder: Path) -> tuple[Interactions, ComponentStore, str]:
@@ -76,6 +105,7 @@ def ml100k(args: argparse.Namespace, folder: Path) -> tuple[Interactions, Compon
 
 DATASETS: dict[str, Callable[[argparse.Namespace, Path], tuple[Interactions, ComponentStore, str]]] = {
     "planted": planted,
+    "planted-encoded": planted_encoded,
     "ml100k": ml100k,
 }
 
@@ -118,7 +148,7 @@ def run(name: str, args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="shared data folder (ML-100K, plots)")
-    parser.add_argument("--datasets", nargs="+", choices=sorted(DATASETS), default=["planted", "ml100k"])
+    parser.add_argument("--datasets", nargs="+", choices=sorted(DATASETS), default=list(DATASETS))
     parser.add_argument("--cold-share", type=float, default=0.2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--k", type=int, default=20, help="cutoff shown in the table (10 and 50 are computed too)")
@@ -128,6 +158,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--planted-items", type=int, default=300)
     parser.add_argument("--pixel-dim", type=int, default=32)
     parser.add_argument("--plot-dim", type=int, default=256)
+    parser.add_argument("--frame-encoder", default="pixelcnn", help="registered image encoder of planted-encoded")
+    parser.add_argument("--encoder-epochs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
