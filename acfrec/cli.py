@@ -497,9 +497,19 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from acfrec.train.distributed import torchrun_process_group
+
+    with torchrun_process_group() as replicas:  # several processes only when launched by torchrun
+        return _train(args, replicas.is_main)
+
+
+def _train(args: argparse.Namespace, is_main: bool) -> int:
     setup = _setup(args, model_names=[args.model])
     split = _load_split(args.split)
     (model,) = _build_models(setup, _specs(setup.config, [args.model]), _show_progress(args))
+    if not is_main:  # ranks > 0 train in step with rank 0, which evaluates, tracks and saves
+        model.fit(split)
+        return 0
     tracker = _tracker(setup.config)
     with tracker.run(f"train {model.name}", tags={"acfrec.command": "train"}) as run:
         results = fit_and_evaluate(model, split, setup.config.eval, run, ["valid", "test"])

@@ -8,6 +8,10 @@ Regularisation: ``config.weight_decay`` is *not* given to the optimiser. It is t
 each model applies inside ``_loss`` to the embeddings a batch actually uses (the usual BPR
 regulariser), so rarely sampled items are not shrunk at every step the way optimiser weight decay
 would shrink them.
+
+Several processes (torchrun, see :mod:`acfrec.train.distributed`) train one model with
+DistributedDataParallel: each rank trains on its shard of the triples, rank 0 validates and
+checkpoints. A single process runs exactly the single-process loop.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from tqdm.auto import tqdm
 
 from acfrec.data.sampler import BPRSampler
 from acfrec.errors import ArtifactError
+from acfrec.train.distributed import LossFunction, Replicas, current_replicas
 from acfrec.utils import fingerprint_arrays
 
 if TYPE_CHECKING:
@@ -70,10 +75,10 @@ class Trainer:
     Args:
         config: the model's :class:`~acfrec.models.base.TorchConfig`.
         callbacks: each called as ``callback(epoch, entry)`` after every epoch, where ``entry`` is
-            the epoch's history dict.
+            the epoch's history dict (on rank 0 only when several processes train).
         validator: ``validator(model, data) -> float`` (higher is better) used for early
             stopping; defaults to validation NDCG@``config.eval_k``. Only called when
-            ``data.valid_items`` is given.
+            ``data.valid_items`` is given (on rank 0 only when several processes train).
     """
 
     def __init__(
@@ -99,44 +104,54 @@ class Trainer:
         after ``patience`` evaluations without improvement (``patience <= 0``: never) and the
         best evaluated epoch's weights are restored. With ``checkpoint_dir`` set, a run resumes
         from ``checkpoint_dir/last.pt`` and ends exactly where an uninterrupted run would.
+        Under several processes every rank returns the same history and ends with the same weights.
         """
         config = self.config
         module = model.module
         if module is None:
             raise RuntimeError(f"{type(model).__name__}.module is not built: Trainer.fit runs inside model.fit")
+        replicas = current_replicas()
         torch.manual_seed(config.seed)
-        sampler = BPRSampler(data.train, config.batch_size, config.n_negatives, seed=config.seed)
+        sampler = replicas.sampler(data.train, config.batch_size, config.n_negatives, config.seed)
         optimizer = _OPTIMIZERS[config.optimizer](module.parameters(), lr=config.lr)
         checkpoint = None if config.checkpoint_dir is None else Path(config.checkpoint_dir) / CHECKPOINT_NAME
-        identity = _run_identity(model, data)
+        identity = _run_identity(model, data, replicas.world_size)
         progress = _Progress()
         validate = data.valid_items is not None and bool((np.asarray(data.valid_items) >= 0).any())
-        if checkpoint is not None and checkpoint.is_file():
-            progress = _resume(checkpoint, identity, module, optimizer, sampler)
+        if checkpoint is not None:
+            progress = _resume(checkpoint, identity, module, optimizer, sampler, replicas) or progress
+        loss_function = replicas.loss_function(model, sampler)
 
         while progress.epoch < config.epochs and not progress.stopped:
             epoch = progress.epoch + 1
-            entry = self._train_epoch(model, sampler, optimizer, epoch)
+            entry = self._train_epoch(model, sampler, optimizer, epoch, loss_function, replicas)
             if validate and epoch % config.eval_every == 0:
                 start = time.perf_counter()
                 module.eval()
-                entry["valid_ndcg"] = self.validator(model, data)
+                entry["valid_ndcg"] = replicas.from_main(lambda: self.validator(model, data))
                 entry["seconds"] += time.perf_counter() - start
                 _track_best(progress, module, epoch, entry["valid_ndcg"], config.patience)
             progress.epoch = epoch
             progress.history.append(entry)
             if checkpoint is not None:
-                _save_checkpoint(checkpoint, identity, progress, module, optimizer, sampler)
-            for callback in self.callbacks:
+                _save_checkpoint(checkpoint, identity, progress, module, optimizer, sampler, replicas)
+            for callback in self.callbacks if replicas.is_main else ():
                 callback(epoch, entry)
 
         if progress.best_state is not None:
             module.load_state_dict(progress.best_state)
         module.eval()
+        replicas.barrier()
         return progress.history
 
     def _train_epoch(
-        self, model: TorchRecommender, sampler: BPRSampler, optimizer: torch.optim.Optimizer, epoch: int
+        self,
+        model: TorchRecommender,
+        sampler: BPRSampler,
+        optimizer: torch.optim.Optimizer,
+        epoch: int,
+        loss_function: LossFunction,
+        replicas: Replicas,
     ) -> dict[str, Any]:
         assert model.module is not None
         model.module.train()
@@ -145,14 +160,14 @@ class Trainer:
         total_loss, n_pairs = 0.0, 0
         batches = tqdm(
             sampler.epoch(), total=len(sampler), desc=f"{model.name} epoch {epoch}",
-            disable=not self.config.progress, leave=False,
+            disable=not (self.config.progress and replicas.is_main), leave=False,
         )
         for batch in batches:
             users = torch.as_tensor(batch.users, device=device)
             positives = torch.as_tensor(batch.positives, device=device)
             negatives = torch.as_tensor(batch.negatives, device=device)
-            loss = model._loss(users, positives, negatives)
-            value = loss.item()
+            loss = loss_function(users, positives, negatives)
+            value = replicas.mean_loss(loss)
             if not math.isfinite(value):
                 raise FloatingPointError(
                     f"{model.name}: training loss is {value} at epoch {epoch} (after {n_pairs} pairs); "
@@ -161,8 +176,9 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total_loss += value * users.numel()
-            n_pairs += users.numel()
+            pairs = users.numel() * replicas.world_size  # every rank's step is the same size
+            total_loss += value * pairs
+            n_pairs += pairs
         seconds = time.perf_counter() - start
         return {
             "epoch": epoch,
@@ -182,16 +198,19 @@ def _track_best(progress: _Progress, module: torch.nn.Module, epoch: int, score:
     progress.stopped = patience > 0 and progress.bad_epochs >= patience
 
 
-def _run_identity(model: TorchRecommender, data: TrainData) -> dict[str, Any]:
-    """What must match for a checkpoint to be resumed: model, config and training data."""
+def _run_identity(model: TorchRecommender, data: TrainData, world_size: int = 1) -> dict[str, Any]:
+    """What must match for a checkpoint to be resumed: model, config, training data, processes."""
     config = {k: v for k, v in dataclasses.asdict(model.config).items() if k not in _RESUMABLE_CHANGES}
     train = data.train
     valid = np.empty(0, dtype=np.int64) if data.valid_items is None else np.asarray(data.valid_items)
-    return {
+    identity = {
         "model": model.name,
         "config": config,
         "data": fingerprint_arrays(train.indptr.astype(np.int64), train.indices.astype(np.int64), valid),
     }
+    if world_size > 1:  # each rank trains on its shard: another world size is another run
+        identity["world_size"] = world_size
+    return identity
 
 
 def _save_checkpoint(
@@ -201,15 +220,24 @@ def _save_checkpoint(
     module: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     sampler: BPRSampler,
+    replicas: Replicas,
 ) -> None:
-    """Write the checkpoint through a temporary file and ``os.replace``: never half-written."""
+    """Write the checkpoint through a temporary file and ``os.replace``: never half-written.
+
+    With several processes rank 0 writes it, with every rank's RNG states (in rank order).
+    """
+    rngs = replicas.gather((sampler.state(), torch.get_rng_state()))
+    if not replicas.is_main:
+        return
+    sampler_rngs, torch_rngs = zip(*rngs, strict=True)
+    several = replicas.world_size > 1
     payload = {
         "identity": identity,
         "progress": dataclasses.asdict(progress),
         "module": module.state_dict(),
         "optimizer": optimizer.state_dict(),
-        "sampler_rng": sampler.state(),
-        "torch_rng": torch.get_rng_state(),
+        "sampler_rng": list(sampler_rngs) if several else sampler_rngs[0],
+        "torch_rng": list(torch_rngs) if several else torch_rngs[0],
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -229,14 +257,30 @@ def _resume(
     module: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     sampler: BPRSampler,
-) -> _Progress:
+    replicas: Replicas,
+) -> _Progress | None:
+    """Load ``path`` when it exists (rank 0 reads it, every rank gets it); None when it does not."""
+    payload = replicas.from_main(lambda: _read_checkpoint(path, identity))
+    if payload is None:
+        return None
+    module.load_state_dict(payload["module"])
+    optimizer.load_state_dict(payload["optimizer"])
+    several = replicas.world_size > 1
+    sampler.set_state(payload["sampler_rng"][replicas.rank] if several else payload["sampler_rng"])
+    torch.set_rng_state(payload["torch_rng"][replicas.rank] if several else payload["torch_rng"])
+    return _Progress(**copy.deepcopy(payload["progress"]))
+
+
+def _read_checkpoint(path: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
     try:
         payload = torch.load(path, map_location="cpu", weights_only=False)
         saved = payload["identity"]
     except Exception as error:  # a foreign or truncated file: say which
         raise ArtifactError(f"cannot resume from checkpoint {path}: {error}") from error
     if saved != identity:
-        differing = [key for key in ("model", "data") if saved.get(key) != identity[key]]
+        differing = [key for key in ("model", "data", "world_size") if saved.get(key) != identity.get(key)]
         differing += [
             f"config.{key}" for key in sorted(identity["config"])
             if saved.get("config", {}).get(key) != identity["config"][key]
@@ -245,8 +289,4 @@ def _resume(
             f"checkpoint {path} belongs to a different run (differs in: {', '.join(differing)}); "
             "delete it or choose another checkpoint_dir"
         )
-    module.load_state_dict(payload["module"])
-    optimizer.load_state_dict(payload["optimizer"])
-    sampler.set_state(payload["sampler_rng"])
-    torch.set_rng_state(payload["torch_rng"])
-    return _Progress(**copy.deepcopy(payload["progress"]))
+    return payload
