@@ -647,6 +647,18 @@ def _write_parquet(frame: pl.DataFrame, path: Path) -> None:
         frame.write_parquet(tmp)
 
 
+def _add_run(parser: argparse.ArgumentParser) -> None:  # the pipeline runner lives in pipelines/
+    from pipelines.runner import add_arguments
+
+    add_arguments(parser)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipelines.runner import command
+
+    return command(args)
+
+
 _COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str,
                            tuple[str, ...]]] = {
     "prepare": (
@@ -682,6 +694,12 @@ _COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[
         _add_demo, cmd_demo,
         "generate planted-preference data, compare itempop, bpr-mf, fism, svdpp and als on it, write results",
         ("acfrec demo", "acfrec demo --small --out /tmp/acfrec-demo --no-track"),
+    ),
+    "run": (
+        _add_run, cmd_run,
+        "run a pipeline file: prepare, encode, train, evaluate, topn steps, skipping unchanged ones",
+        ("acfrec run pipelines/examples/demo.yaml", "acfrec run pipelines/examples/demo.yaml --dry-run",
+         "acfrec run my.yaml --force train --set workdir=/shared/runs/my backend=ray"),
     ),
 }
 
