@@ -659,6 +659,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     return command(args)
 
 
+def _add_encode(parser: argparse.ArgumentParser) -> None:  # the encode command lives in acfrec/encode.py
+    from acfrec.encode import add_encode_arguments
+
+    add_encode_arguments(parser)
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    from acfrec.encode import cmd_encode as encode
+
+    return encode(args)
+
+
 _COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str,
                            tuple[str, ...]]] = {
     "prepare": (
@@ -700,6 +712,11 @@ _COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[
         "run a pipeline file: prepare, encode, train, evaluate, topn steps, skipping unchanged ones",
         ("acfrec run pipelines/examples/demo.yaml", "acfrec run pipelines/examples/demo.yaml --dry-run",
          "acfrec run my.yaml --force train --set workdir=/shared/runs/my backend=ray"),
+    ),
+    "encode": (
+        _add_encode, cmd_encode, "train (or load) a content encoder and write the component store of every item",
+        ("acfrec encode --encoder darn --content mnist.npz --out runs/darn-store --set epochs=20 layers=[200]",
+         "acfrec encode --encoder hashed-bow --content plots.csv --out runs/bow-store --set dim=128"),
     ),
 }
 

@@ -1,0 +1,139 @@
+"""`acfrec encode` and encode_to_store: content readers, stores ACF can align, resume, MLflow, errors."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+from PIL import Image
+from test_encoder_contract import tiny_images, tiny_texts
+
+from acfrec.cli import main
+from acfrec.data.components import ComponentStore
+from acfrec.data.idmap import IdMap
+from acfrec.encode import encode_to_store, holdout_items, read_content
+from acfrec.errors import DataValidationError
+from acfrec.tracking import sqlite_uri
+
+TINY_DARN = ["epochs=2", "layers=[8]", "baseline_hidden=8", "eval_samples=4", "batch_size=16"]
+TINY_DARN_CONFIG = {"epochs": 2, "layers": [8], "baseline_hidden": 8, "eval_samples": 4, "batch_size": 16}
+
+
+@pytest.fixture()
+def images_npz(tmp_path: Path) -> Path:
+    corpus = tiny_images()
+    path = tmp_path / "images.npz"
+    np.savez(path, images=corpus.images, offsets=corpus.offsets, item_ids=np.array(corpus.item_ids))
+    return path
+
+
+@pytest.fixture()
+def texts_csv(tmp_path: Path) -> Path:
+    corpus = tiny_texts()
+    path = tmp_path / "plots.csv"
+    texts = [" ".join(s[0].upper() + s[1:] for s in document) for document in corpus.documents]  # sentence starts
+    pd.DataFrame({"item_id": corpus.item_ids, "text": texts}).to_csv(path, index=False)
+    return path
+
+
+def test_encode_images_end_to_end_is_tracked_and_acf_can_align(tmp_path, images_npz, capsys):
+    store_path = tmp_path / "store"
+    tracking = ["--tracking-uri", sqlite_uri(tmp_path / "mlruns" / "mlflow.db"), "--experiment", "encode-test"]
+    argv = ["encode", "--encoder", "darn", "--content", str(images_npz), "--out", str(store_path),
+            "--set", *TINY_DARN, "features=codes", *tracking]
+    assert main(argv) == 0
+    assert "darn: 24 items, 48 components of dim 8" in capsys.readouterr().out
+    store = ComponentStore.open(store_path)
+    assert store.meta["encoder"] == "darn" and store.meta["encoder_config"]["features"] == "codes"
+    assert store.meta["n_heldout_items"] == 2 and np.isfinite(store.meta["heldout"]["nll_is_nats"])
+    aligned = store.align(IdMap(["i3", "i0", "not-in-store"], kind="item"), max_components=4)
+    assert tuple(aligned.features.shape) == (3, 2, 8) and aligned.n_missing == 1
+    assert aligned.mask.tolist() == [[True, True], [True, True], [False, False]]
+    assert set(np.unique(aligned.features.numpy())) <= {0.0, 1.0}
+
+    client = MlflowClient(tracking_uri=sqlite_uri(tmp_path / "mlruns" / "mlflow.db"))
+    (run,) = client.search_runs([client.get_experiment_by_name("encode-test").experiment_id])
+    curve = client.get_metric_history(run.info.run_id, "train.loss")
+    assert sorted(m.step for m in curve) == [1, 2]
+    assert "heldout.nll_bound_nats" in run.data.metrics and run.data.params["encoder.layers"] == "[8]"
+
+    # A second run finds the saved encoder next to the store and only encodes (same components).
+    assert main([*argv[:-4], "--no-track"]) == 0
+    np.testing.assert_array_equal(ComponentStore.open(store_path).matrix, store.matrix)
+    assert json.loads((tmp_path / "store.encoder" / "meta.json").read_text())["encoder"] == "darn"
+
+
+def test_encode_text_csv_with_a_builtin_featuriser(tmp_path, texts_csv):
+    assert main(["encode", "--encoder", "hashed-bow", "--content", str(texts_csv), "--out", str(tmp_path / "bow"),
+                 "--set", "dim=16", "--no-track"]) == 0
+    store = ComponentStore.open(tmp_path / "bow")
+    expected = tiny_texts()
+    assert store.n_items == 24 and store.dim == 16 and store.counts().tolist() == [len(d) for d in expected.documents]
+    aligned = store.align(IdMap(["t3", "t0"], kind="item"), max_components=2)
+    assert aligned.mask[0].sum() == 0 and aligned.mask[1].sum() == min(2, len(expected.documents[0]))
+
+
+def test_sentence_rows_and_image_folders_are_read(tmp_path):
+    pd.DataFrame({"item_id": ["b", "a", "b"], "sentence": ["One.", "Two.", "Three."]}).to_csv(tmp_path / "s.tsv", sep="\t", index=False)
+    texts = read_content(tmp_path / "s.tsv")
+    assert texts.item_ids == ["b", "a"] and texts.documents == [["One.", "Three."], ["Two."]]
+    frames = tmp_path / "videos"
+    for item, count in (("v1", 2), ("v2", 3)):
+        (frames / item).mkdir(parents=True)
+        for k in range(count):
+            Image.fromarray(np.full((5, 4), 40 * k, dtype=np.uint8)).save(frames / item / f"{k:03d}.png")
+    corpus = read_content(frames)
+    assert corpus.item_ids == ["v1", "v2"] and corpus.offsets.tolist() == [0, 2, 5]
+    assert corpus.images.shape == (5, 1, 5, 4) and corpus.images[4, 0, 0, 0] == 80
+    Image.fromarray(np.zeros((6, 4, 3), dtype=np.uint8)).save(frames / "v2" / "odd.png")
+    with pytest.raises(DataValidationError, match=r"odd.png: image of shape \(1, 6, 4\)"):
+        read_content(frames)
+
+
+def test_interrupted_run_resumes_from_its_checkpoint(tmp_path, images_npz):
+    straight = encode_to_store("darn", images_npz, tmp_path / "straight", config=TINY_DARN_CONFIG, progress=False)
+    checkpoints = tmp_path / "ckpt"
+    # The first run stops after epoch 1 (its checkpoint stays); the rerun picks up at epoch 2.
+    encode_to_store("darn", images_npz, tmp_path / "first", config={**TINY_DARN_CONFIG, "epochs": 1},
+                    checkpoint_dir=checkpoints, progress=False)
+    assert (checkpoints / "last.pt").is_file()
+    resumed = encode_to_store("darn", images_npz, tmp_path / "resumed", config=TINY_DARN_CONFIG,
+                              checkpoint_dir=checkpoints, progress=False)
+    history = json.loads((tmp_path / "resumed.encoder" / "meta.json").read_text())["history"]
+    assert [int(r["epoch"]) for r in history] == [1, 2]
+    np.testing.assert_allclose(ComponentStore.open(resumed).matrix, ComponentStore.open(straight).matrix, atol=1e-6)
+
+
+def test_holdout_is_seeded_and_never_empty():
+    train, held = holdout_items(24, 0.1, seed=0)
+    assert held.size == 2 and np.intersect1d(train, held).size == 0 and train.size + held.size == 24
+    assert np.array_equal(holdout_items(24, 0.1, seed=0)[1], held)
+    assert holdout_items(3, 0.01, seed=0)[1].size == 1 and holdout_items(5, 0.0, seed=0)[1].size == 0
+
+
+@pytest.mark.parametrize(
+    ("content", "encoder", "message"),
+    [
+        ("no_images.npz", "darn", r"no_images.npz: no 'images' array \(found: pixels\)"),
+        ("no_text.csv", "hashed-bow", r"no_text.csv: column 'text \(or sentence\)' is missing"),
+        ("plots.csv", "darn", r"encoder 'darn' encodes images, but content .*plots.csv holds text"),
+        ("plots.csv", "no-such-encoder", r"unknown encoder 'no-such-encoder'; available: .*darn.*hashed-bow"),
+        ("missing.npz", "darn", r"content .*missing.npz does not exist"),
+    ],
+)
+def test_bad_content_is_one_clear_error(tmp_path, texts_csv, capsys, content, encoder, message):
+    np.savez(tmp_path / "no_images.npz", pixels=np.zeros((2, 3, 3), dtype=np.uint8))
+    pd.DataFrame({"item_id": ["a"], "body": ["x"]}).to_csv(tmp_path / "no_text.csv", index=False)
+    status = main(["encode", "--encoder", encoder, "--content", str(tmp_path / content),
+                   "--out", str(tmp_path / "store"), "--no-track"])
+    assert status == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("acfrec encode: error: ") and re.search(message, error), error
+    with pytest.raises(DataValidationError, match=message):
+        encode_to_store(encoder, tmp_path / content, tmp_path / "store", progress=False)
+    assert not (tmp_path / "store").exists()
