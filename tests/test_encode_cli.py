@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 from pathlib import Path
@@ -90,6 +91,17 @@ def test_sentence_rows_and_image_folders_are_read(tmp_path):
     corpus = read_content(frames)
     assert corpus.item_ids == ["v1", "v2"] and corpus.offsets.tolist() == [0, 2, 5]
     assert corpus.images.shape == (5, 1, 5, 4) and corpus.images[4, 0, 0, 0] == 80
+    singles = tmp_path / "posters"
+    singles.mkdir()
+    for item in ("p2", "p1"):
+        Image.fromarray(np.zeros((3, 3, 3), dtype=np.uint8)).save(singles / f"{item}.jpg")
+    posters = read_content(singles)
+    assert posters.item_ids == ["p1", "p2"] and posters.images.shape == (2, 3, 3, 3)  # RGB stays 3 channels
+    pixels = np.arange(2 * 4 * 3, dtype=np.uint8).reshape(2, 4, 3)
+    with gzip.open(tmp_path / "t10k-images-idx3-ubyte.gz", "wb") as handle:
+        handle.write(b"".join(v.to_bytes(4, "big") for v in (2051, 2, 4, 3)) + pixels.tobytes())
+    digits = read_content(tmp_path / "t10k-images-idx3-ubyte.gz")
+    assert digits.item_ids == ["0", "1"] and np.array_equal(digits.images[:, 0], pixels)
     Image.fromarray(np.zeros((6, 4, 3), dtype=np.uint8)).save(frames / "v2" / "odd.png")
     with pytest.raises(DataValidationError, match=r"odd.png: image of shape \(1, 6, 4\)"):
         read_content(frames)
