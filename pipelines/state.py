@@ -53,6 +53,7 @@ class PipelineState:
         return cls(path, payload.get("steps", {}), payload.get("file_cache", {}))
 
     def save(self) -> None:
+        self.file_cache = {name: entry for name, entry in self.file_cache.items() if os.path.exists(name)}
         payload = {"version": STATE_VERSION, "steps": self.steps, "file_cache": self.file_cache}
         atomic_write_text(self.path, json.dumps(payload, indent=1, sort_keys=True))
 
