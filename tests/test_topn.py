@@ -166,3 +166,18 @@ def test_key_changes_with_the_model(small_split: Split, als: Recommender):
     settings = TopnSettings()
     assert default_key(als, small_split, settings) != default_key(other, small_split, settings)
     assert default_key(als, small_split, settings) == default_key(als, small_split, settings)
+
+
+def test_scores_at_most_one_chunk_of_users_at_a_time(tmp_path: Path, small_split: Split):
+    batches: list[int] = []
+
+    class RecordingItemPop(get_model("itempop")):  # the real model, noting each scoring batch
+        def score_all(self, users):
+            batches.append(len(users))
+            return super().score_all(users)
+
+    model = RecordingItemPop().fit(small_split)
+    batches.clear()
+    write_topn(model, small_split, tmp_path, TopnSettings(k=5, chunk_users=CHUNK, retrieval="recommend"), progress=False)
+    assert sum(batches[1:]) == small_split.n_users  # batches[0]: the 8-user sample of the job key
+    assert max(batches[1:]) <= CHUNK
