@@ -9,6 +9,8 @@ sampled), MLflow tracking and FAISS serving. The names below are imported on fir
     split = acfrec.leave_one_out(interactions)
     model = acfrec.get_model("bpr-mf")(dim=32, epochs=10).fit(split)
     print(acfrec.evaluate(model, split).table())
+    rec = acfrec.load("runs/bpr-mf")     # a saved model folder or an MLflow URI, served by external ids
+    rec.recommend(users=["196"], k=10)
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ _LAZY = {
     "planted_interactions": "acfrec.datasets",
     "Tracker": "acfrec.tracking",
     "load_run_config": "acfrec.config",
+    "load": "acfrec.api",
+    "RecommenderService": "acfrec.api",
     "RunConfig": "acfrec.config",
 }
 
