@@ -43,12 +43,15 @@ if TYPE_CHECKING:
     import polars as pl
 
     from acfrec.data.split import Split
+    from acfrec.datasets.catalogue import Catalogue
     from acfrec.eval.evaluate import EvalResult
     from acfrec.models.base import Recommender
 
 log = logging.getLogger("acfrec")
 
-DEMO_MODELS = ("itempop", "bpr-mf", "fism", "svdpp", "als")
+DEMO_MODELS = ("itempop", "bpr-mf", "fism", "svdpp", "als", "acf")
+# Dimension of the demo's frame components (pixel PCA of the catalogue's digit frames).
+DEMO_COMPONENT_DIM = 32
 # `acfrec demo --small`: a data set and training budget small enough for a smoke test.
 DEMO_SMALL_OVERRIDES = (
     "data.planted.n_users=150",
@@ -308,18 +311,34 @@ def _specs(config: RunConfig, names: Sequence[str] | None) -> list[ModelSpec]:
 
 
 # ============================================================================ data
-def make_split(data: DataConfig) -> Split:
-    """Read (or generate, with ``data.planted``) the interactions and split them leave-one-out."""
+def make_split(data: DataConfig, catalogue: Catalogue | None = None) -> Split:
+    """Read (or generate, with ``data.planted``) the interactions and split them leave-one-out.
+
+    ``catalogue``: an already generated :func:`planted_catalogue_of` ``data`` (not generated twice).
+    """
     from acfrec.data.splitting import leave_one_out
 
-    interactions = _interactions(data)
+    interactions = _interactions(data, catalogue)
     return leave_one_out(
         interactions, tie_rule=data.tie_rule, seed=data.seed,
         n_negatives=data.n_negatives, min_interactions=data.min_interactions,
     )
 
 
-def _interactions(data: DataConfig) -> Any:
+def planted_catalogue_of(data: DataConfig) -> Catalogue | None:
+    """The planted image catalogue ``data.planted`` asks for with ``generator: catalogue``, else None."""
+    if not data.planted or data.planted.get("generator") != "catalogue":
+        return None
+    from acfrec.datasets.catalogue import planted_catalogue
+
+    options = {key: value for key, value in data.planted.items() if key != "generator"}
+    try:
+        return planted_catalogue(**{"seed": data.seed, **options})
+    except TypeError as error:
+        raise ConfigError(f"data.planted (generator: catalogue): {error}") from None
+
+
+def _interactions(data: DataConfig, catalogue: Catalogue | None = None) -> Any:
     if data.path is not None:
         from acfrec.data.io import read_interactions
 
@@ -332,9 +351,14 @@ def _interactions(data: DataConfig) -> Any:
         from acfrec.data.interactions import Interactions
         from acfrec.datasets import planted_interactions
 
-        planted = planted_interactions(**{"seed": data.seed, **data.planted})
+        catalogue = catalogue or planted_catalogue_of(data)
+        if catalogue is not None:
+            frame = catalogue.interactions
+        else:
+            options = {key: value for key, value in data.planted.items() if key != "generator"}
+            frame = planted_interactions(**{"seed": data.seed, **options}).frame
         return Interactions.from_frame(
-            planted.frame, user_col="user", item_col="item", timestamp_col="timestamp", source="planted",
+            frame, user_col="user", item_col="item", timestamp_col="timestamp", source="planted",
             min_user_interactions=data.min_user_interactions, min_item_interactions=data.min_item_interactions,
         )
     raise ConfigError("no data: pass --data PATH (or --split SPLIT_DIR), or set data.path in the config")
@@ -593,25 +617,69 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out = Path(setup.config.output_dir or args.out)
     models = _build_models(setup, _specs(setup.config, None), _show_progress(args))
     started = time.perf_counter()
-    split = make_split(setup.config.data)
+    catalogue = planted_catalogue_of(setup.config.data)
+    split = make_split(setup.config.data, catalogue)
     split.save(out / "split")
     log.info("planted-preference data: %s", split.summary())
+    if catalogue is not None:
+        _give_components(models, catalogue, split, out / "components")
     tracker = _tracker(setup.config)
     outcome = run_compare(setup.config, split, models, tracker)
     _write_compare_outputs(outcome, out)
-    top = top_k_frame(outcome.models[outcome.best], split, k=10)
-    _write_parquet(top, out / "top10.parquet")
+    # ACF's lists, model and attention when it is in the run; else the best model's lists.
+    shown = outcome.models.get("acf", outcome.models[outcome.best])
+    _write_parquet(top_k_frame(shown, split, k=10), out / "top10.parquet")
+    shown.save(out / "model")
+    picture = _attention_picture(shown, catalogue, split, out / "attention.png")
     print(outcome.text)
     print(_significance_note(outcome, setup.config.eval))
     print(f"\ndemo finished in {time.perf_counter() - started:.0f} s; outputs in {out}/:")
     print(f"  split/              the leave-one-out split ({split.n_users} users, {split.n_items} items)")
+    if catalogue is not None:
+        print("  components/         the frames' pixel-PCA components (ComponentStore) ACF attends over")
     print("  results.csv, .md    the comparison table above")
     print("  eval/<model>/       per-user ranks of the held-out items")
-    print(f"  top10.parquet       top-10 unseen items of every user by {outcome.best} (user, rank, item, score)")
+    print(f"  top10.parquet       top-10 unseen items of every user by {shown.name} (user, rank, item, score)")
+    print(f"  model/              the trained {shown.name} model (Recommender.load)")
+    if picture is not None:
+        print(f"  attention.png       {picture}")
     if tracker.tracking_uri:
         print(f"MLflow: {tracker.tracking_uri} (experiment {tracker.experiment!r}, run {outcome.run_id})")
         print(f"  mlflow ui --backend-store-uri {tracker.tracking_uri}")
     return 0
+
+
+def _give_components(models: Sequence[Recommender], catalogue: Catalogue, split: Split, store_path: Path) -> None:
+    """Write the catalogue's frame components and hand them to every ACF model without its own."""
+    from acfrec.models.acf import ACF
+
+    attentive = [m for m in models if isinstance(m, ACF) and m.config.components_path is None]
+    if not attentive:
+        return
+    store = catalogue.write_store(store_path, dim=DEMO_COMPONENT_DIM)
+    for model in attentive:
+        model.set_components(store.align(split.items, model.config.max_components))
+
+
+def _attention_picture(model: Recommender, catalogue: Catalogue | None, split: Split, path: Path) -> str | None:
+    """Draw why ACF recommends its top item to the first user; returns a one-line description."""
+    from acfrec.models.acf import ACF
+    from acfrec.viz import catalogue_frames, plot_attention
+
+    if catalogue is None or not isinstance(model, ACF) or not model.module.has_content:
+        return None
+    user = 0
+    (item,), _ = model.recommend([user], k=1)
+    explanation = model.explain(user, int(item[0]), top_items=5, top_components=model.config.max_components)
+    history = [entry["item"] for entry in explanation["history"]]
+    position = {item_id: k for k, item_id in enumerate(catalogue.item_ids)}
+    external = split.items.to_external(history)
+    frames = catalogue_frames(catalogue.frames, catalogue.item_offsets, [position[e] for e in external])
+    names = dict(zip(history, external, strict=True))
+    user_id, item_id = split.users.to_external([user])[0], split.items.to_external([int(item[0])])[0]
+    plot_attention(explanation, frames, path, item_names=names,
+                   title=f"user {user_id}: why {item_id} (history items by alpha, frames by beta)")
+    return f"user {user_id}'s attention over history items and their frames, explaining {item_id}"
 
 
 def top_k_frame(model: Recommender, split: Split, k: int = 10) -> pl.DataFrame:

@@ -174,6 +174,7 @@ def test_trains_loss_falls_and_explains(planted):
         {"item_attention": False},
         {"use_content": False},
         {"history_smoothing": 1.0, "max_history": 4, "max_components": 2},
+        {"scale_attention_inputs": True, "attention_dropout": 0.2},
     ],
 )
 def test_ablations_train_and_score(planted, options):
@@ -270,7 +271,9 @@ def test_acf_beats_fism_on_the_planted_catalogue(full_ranking):
 @pytest.mark.xfail(
     strict=True,
     reason="measured: component attention stays uniform (liked-frame beta mass 0.298 vs uniform "
-    "share 0.297, ratio 1.00, target >= 2): beta's only gradient comes through the item logits",
+    "share 0.297, ratio 1.00, target >= 2): beta's only gradient comes through the item logits. "
+    "Not a feature problem: one-hot frame classes in place of pixel PCA give ratio 0.95-1.01 too "
+    "(default catalogue; 8-12 frames per item; input scaling; 10x attention step size)",
 )
 def test_component_attention_prefers_liked_frames(planted, trained):
     catalogue, split, _, aligned = planted
@@ -293,3 +296,35 @@ def test_component_attention_prefers_liked_frames(planted, trained):
     uniform_share = (liked.sum(-1) / np.maximum(count, 1))[real].mean()
     beta_mass = (beta * liked).sum(-1)[real].mean()
     assert beta_mass >= 2 * uniform_share, (beta_mass, uniform_share)
+
+
+def test_score_histories_of_new_users(planted, trained):
+    catalogue, split, _, _ = planted
+    acf, _ = trained
+    users = np.arange(60)
+    # A known user's own history, scored as a new user's (mean user vector instead of u_i),
+    # ranks the catalogue much like the user's own scores.
+    own = acf.score_histories(split.train[users]).numpy()
+    known = acf.score_all(users).numpy()
+    assert own.shape == (60, split.n_items) and np.isfinite(own).all()
+    correlation = [np.corrcoef(a, b)[0, 1] for a, b in zip(own, known, strict=True)]
+    assert np.median(correlation) > 0.7, np.median(correlation)
+    # A new user known only by items showing one digit class is recommended more of that class.
+    store_item = np.array([int(x[1:]) for x in split.items.external_ids])
+    frame_item = np.repeat(np.arange(catalogue.n_items), np.diff(catalogue.item_offsets))
+    counts = np.zeros((catalogue.n_items, 10))
+    np.add.at(counts, (frame_item, catalogue.truth.frame_class), 1.0)
+    share = (counts / counts.sum(axis=1, keepdims=True))[store_item]  # (dense item, class)
+    lifts = []
+    for digit in range(10):
+        history = np.argsort(-share[:, digit], kind="stable")[:8]
+        matrix = sp.csr_matrix((np.ones(8), (np.zeros(8, dtype=int), history)), shape=(1, split.n_items))
+        scores = acf.score_histories(matrix).numpy()[0]
+        scores[history] = -np.inf
+        top = np.argsort(-scores)[:15]
+        lifts.append(share[top, digit].mean() / share[:, digit].mean())
+    assert np.median(lifts) > 1.5, lifts
+    empty = acf.score_histories(sp.csr_matrix((2, split.n_items)))
+    torch.testing.assert_close(empty[0], empty[1])
+    with pytest.raises(Exception, match=f"n_items={split.n_items}"):
+        acf.score_histories(sp.csr_matrix((1, split.n_items + 1)))

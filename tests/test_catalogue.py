@@ -130,3 +130,15 @@ def test_catalogue_from_mnist():
     catalogue = planted_catalogue(n_users=50, n_items=40, seed=0, images=(images, labels))
     assert catalogue.frames.shape[1:] == (28, 28)
     np.testing.assert_array_equal(labels[catalogue.truth.frame_image], catalogue.truth.frame_class)
+
+
+def test_uniform_clicks_ignore_popularity():
+    uniform = planted_catalogue(n_users=300, n_items=150, seed=3, noise=0.5, click_popularity=0.0)
+    users, items = _dense(uniform)
+    clicked = np.bincount(items[uniform.truth.noise], minlength=150)
+    chosen = np.bincount(items[~uniform.truth.noise], minlength=150)
+    # Clicks spread over the whole catalogue (no head), while preference choices keep their skew.
+    assert clicked.max() < 3 * clicked.mean() and (clicked > 0).mean() > 0.9
+    assert chosen.max() > 4 * chosen.mean()
+    with pytest.raises(DataValidationError, match="click_popularity must be >= 0, got -1"):
+        planted_catalogue(n_users=10, n_items=40, click_popularity=-1)

@@ -17,6 +17,7 @@ from acfrec.cli import main
 from acfrec.data.split import Split
 from acfrec.datasets import PlantedData, planted_interactions
 from acfrec.eval.evaluate import EvalResult
+from acfrec.models import Recommender
 from acfrec.tracking import sqlite_uri
 
 FAST = ["dim=8", "epochs=2", "batch_size=256"]
@@ -189,10 +190,15 @@ def test_demo_small_writes_top10_with_external_ids(tmp_path: Path, capsys: pytes
     out = tmp_path / "demo"
     assert main(["demo", "--small", "--out", str(out), "--no-track", "--set", "*.epochs=1"]) == 0
     printed = capsys.readouterr().out
-    assert "top10.parquet" in printed
-    for model in ("itempop", "bpr-mf", "fism", "svdpp", "als"):
+    assert "top10.parquet" in printed and "by acf" in printed
+    for model in ("itempop", "bpr-mf", "fism", "svdpp", "als", "acf"):
         assert f"| {model} |" in printed
     split = Split.load(out / "split")
+    # ACF attended over the catalogue's frames; its model folder and attention picture are saved.
+    model = Recommender.load(out / "model")
+    assert model.name == "acf" and model.module.has_content and model.n_items == split.n_items
+    assert (out / "attention.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "attention.png").stat().st_size > 5_000
     top = pl.read_parquet(out / "top10.parquet")
     assert top.columns == ["user", "rank", "item", "score"]
     assert top["user"].n_unique() == split.n_users and top.height == 10 * split.n_users

@@ -167,6 +167,7 @@ def planted_catalogue(
     preference_strength: float = 8.0,
     popularity_skew: float = 0.8,
     noise: float = 0.3,
+    click_popularity: float = 1.0,
 ) -> Catalogue:
     """Generate a seeded catalogue of digit "videos" and planted-preference interactions.
 
@@ -190,6 +191,10 @@ def planted_catalogue(
         preference_strength: logit gain per unit of liked-frame share.
         popularity_skew: Zipf exponent of item popularity (0: none).
         noise: share of a user's interactions that are popularity clicks.
+        click_popularity: how much those clicks follow item popularity: 1 draws them from the
+            same Zipf popularity as the preference choices, 0 uniformly over the catalogue
+            (browsing that lands anywhere, so a click is no more likely on a head item and
+            collaborative filtering cannot discount clicks by shrinking popular items).
     Returns:
         :class:`Catalogue`; the same arguments give the same catalogue.
     """
@@ -199,6 +204,8 @@ def planted_catalogue(
         images, n_users, n_items, n_classes, frames_per_item, classes_per_user, classes_per_item,
         interactions_per_user, noise,
     )
+    if click_popularity < 0:
+        raise DataValidationError(f"click_popularity must be >= 0, got {click_popularity}")
     rng = np.random.default_rng(seed)
     n_frames = rng.integers(frames_per_item[0], frames_per_item[1] + 1, size=n_items)
     offsets = np.concatenate([[0], np.cumsum(n_frames)]).astype(np.int64)
@@ -218,7 +225,7 @@ def planted_catalogue(
     counts = rng.integers(interactions_per_user[0], interactions_per_user[1] + 1, size=n_users)
     popularity = -popularity_skew * np.log1p(rng.permutation(n_items))
     preference = preference_strength * affinity + popularity
-    items, is_noise = _choose_items(rng, preference, popularity, counts, noise)
+    items, is_noise = _choose_items(rng, preference, click_popularity * popularity, counts, noise)
     users = np.repeat(np.arange(n_users, dtype=np.int64), counts)
     # Random order along each user's history, then strictly increasing timestamps.
     order = np.lexsort((rng.random(users.size), users))

@@ -73,6 +73,21 @@ class ACFConfig(TorchConfig):
         init_std: standard deviation of the embeddings' normal initialisation.
         item_bias: add a learned item bias ``b_j`` to the score (an extension of the paper, as
             in the FISM / SVD++ / BPR-MF baselines: popularity then need not crowd the factors).
+        attention_dropout: dropout on the hidden units of the item-level attention network
+            while training (0 = none).
+        scale_attention_inputs: feed both attention networks the user, item and history
+            vectors at unit root-mean-square (``x / rms(x)``). The embeddings start at
+            ``init_std`` and are shrunk by L2, so unscaled, the projected content terms are
+            ~10-20x larger than the user term and the attention is nearly user-independent.
+
+    Measured on the planted image catalogue (500 users x 300 items, half of the clicks
+    uniform browsing, full-ranking HR@10 / NDCG@10, one seed, lr 0.005, init 0.03, no L2):
+    ACF 0.214 / 0.134, with ``scale_attention_inputs`` 0.270 / 0.156, with
+    ``attention_dropout=0.3`` (and random attention-output init) 0.236 / 0.146; ACF without
+    content 0.260 / 0.159 (0.284 / 0.170 scaled); SVD++ 0.246 / 0.163. Neither option makes
+    the component attention find the liked frames (beta mass on them stays 0.95-1.0x the
+    uniform share, even with one-hot frame classes in place of the pixel features), so both
+    stay off by default and the ML-100K numbers above are unchanged.
     """
 
     epochs: int = 100
@@ -89,6 +104,8 @@ class ACFConfig(TorchConfig):
     components_path: str | None = None
     init_std: float = 0.01
     item_bias: bool = True
+    attention_dropout: float = 0.0
+    scale_attention_inputs: bool = False
 
 
 @dataclass
@@ -100,7 +117,6 @@ class _Pooled:
     never subtracts a number from one of similar size (no cancellation).
     """
 
-    users: torch.Tensor  # (n,) user index of each row
     user: torch.Tensor  # (n, dim)
     history: torch.Tensor  # (n, history) item indices (0 on padding)
     mask: torch.Tensor  # (n, history) real history entries
@@ -252,6 +268,7 @@ class _ACFNetwork(nn.Module):
         self.att_target = nn.Linear(dim, att, bias=False)
         self.att_history = nn.Linear(dim, att, bias=True)  # carries b1
         self.att_out = nn.Linear(att, 1, bias=False)
+        self.dropout = nn.Dropout(config.attention_dropout)
         self.has_content = features is not None
         if self.has_content:
             assert feature_mask is not None
@@ -267,6 +284,12 @@ class _ACFNetwork(nn.Module):
         for layer in (self.att_out, getattr(self, "comp_out", None)):
             if layer is not None:
                 nn.init.zeros_(layer.weight)
+
+    def scaled(self, vectors: torch.Tensor) -> torch.Tensor:
+        """``vectors`` ``(..., dim)`` at unit root-mean-square, when ``scale_attention_inputs``."""
+        if not self.config.scale_attention_inputs:
+            return vectors
+        return vectors * torch.rsqrt(vectors.pow(2).mean(dim=-1, keepdim=True) + 1e-12)
 
     def item_bias(self, items: torch.Tensor) -> torch.Tensor:
         """``b_j`` shaped like ``items`` (zeros without item bias)."""
@@ -289,7 +312,7 @@ class _ACFNetwork(nn.Module):
         slots = valid | ~has_content
         if self.config.component_attention:
             mixed, beta = _MixComponents.apply(
-                self.comp_component(x), values, self.comp_user(user), self.comp_out.weight[0],
+                self.comp_component(x), values, self.comp_user(self.scaled(user)), self.comp_out.weight[0],
                 slots, flat.inverse, flat.rows,
             )
         else:
@@ -301,35 +324,38 @@ class _ACFNetwork(nn.Module):
 
     # --------------------------------------------------------------- items
     def _entries(
-        self, users: torch.Tensor, with_content: bool
-    ) -> tuple[torch.Tensor, _Flat, torch.Tensor, torch.Tensor | None]:
-        """User vectors ``(n, dim)``, the flat history, item logits ``a(i, l)`` ``(F,)`` and beta."""
-        user = self.user(users)
-        flat = _Flat.of(self.history[users], self.history_mask[users], self.history_item.num_embeddings)
+        self, user: torch.Tensor, history: torch.Tensor, mask: torch.Tensor, with_content: bool
+    ) -> tuple[_Flat, torch.Tensor, torch.Tensor | None]:
+        """The flat history, item logits ``a(i, l)`` ``(F,)`` and beta of rows with user vectors
+        ``user`` ``(n, dim)`` and histories ``history`` / ``mask`` ``(n, H)``."""
+        flat = _Flat.of(history, mask, self.history_item.num_embeddings)
         content, beta = self.component_terms(user, flat) if with_content else (None, None)
         if not self.config.item_attention:
-            return user, flat, user.new_zeros(flat.rows.shape), beta
+            return flat, user.new_zeros(flat.rows.shape), beta
         items = flat.items
-        keys = self.att_target(self.target_item(items)) + self.att_history(self.history_item(items))  # + b1
-        hidden = flat.per_entry(keys) + flat.per_row(self.att_user(user))
+        keys = self.att_target(self.scaled(self.target_item(items))) + self.att_history(self.scaled(self.history_item(items)))
+        hidden = flat.per_entry(keys) + flat.per_row(self.att_user(self.scaled(user)))
         if content is not None:
             hidden = hidden + content
-        return user, flat, self.att_out(F.relu(hidden)).squeeze(-1), beta
+        return flat, self.att_out(self.dropout(F.relu(hidden))).squeeze(-1), beta
 
     def attend(self, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Item logits ``(n, history)`` (``-inf`` on padding), user vectors ``(n, dim)`` and beta
         ``(n, history, max_components)`` (zero on padding and for items without content; None
         without content)."""
-        user, flat, entries, beta = self._entries(users, with_content=self.has_content)
-        shape = self.history_mask[users].shape
-        logits = flat.to_grid(entries, shape, fill=-torch.inf)
-        return logits, user, None if beta is None else flat.to_grid(beta, shape, fill=0.0)
+        user, mask = self.user(users), self.history_mask[users]
+        flat, entries, beta = self._entries(user, self.history[users], mask, with_content=self.has_content)
+        logits = flat.to_grid(entries, mask.shape, fill=-torch.inf)
+        return logits, user, None if beta is None else flat.to_grid(beta, mask.shape, fill=0.0)
 
     def pool(self, users: torch.Tensor) -> _Pooled:
-        """Attention sums of ``users`` ``(n,)``, computed once per user."""
+        """Attention sums of known users ``(n,)``, computed once per user."""
+        return self.pool_rows(self.user(users), self.history[users], self.history_mask[users])
+
+    def pool_rows(self, user: torch.Tensor, history: torch.Tensor, mask: torch.Tensor) -> _Pooled:
+        """Attention sums of rows with user vectors ``(n, dim)`` and histories / masks ``(n, H)``."""
         # Without item attention the components cannot change a score: skip them.
-        user, flat, entries, _ = self._entries(users, self.has_content and self.config.item_attention)
-        history, mask = self.history[users], self.history_mask[users]
+        flat, entries, _ = self._entries(user, history, mask, self.has_content and self.config.item_attention)
         logits = flat.to_grid(entries, mask.shape, fill=-torch.inf)
         count = mask.sum(dim=1)
         top = logits.argmax(dim=1)
@@ -346,7 +372,7 @@ class _ACFNetwork(nn.Module):
         square_norm = torch.zeros_like(shift).index_add(0, flat.rows, item_norms)
         top_item = history.gather(1, top[:, None]).squeeze(1)
         return _Pooled(
-            users, user, history, mask, weights, shift, top_item, F.embedding(top_item, table),
+            user, history, mask, weights, shift, top_item, F.embedding(top_item, table),
             numerator_rest, rest.sum(dim=1), count, square_norm / count.clamp_min(1),
         )
 
@@ -369,6 +395,16 @@ class _ACFNetwork(nn.Module):
             denominator = torch.where(is_top, pooled.denominator_rest, denominator - removed)
             count = count - found.long()
         return pooled.user + self._history_term(numerator, denominator, count, pooled.shift)
+
+    def score_rows(self, user: torch.Tensor, history: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Scores ``(n, n_items)`` of rows with user vectors ``(n, dim)`` and histories / masks ``(n, H)``,
+        in chunks of users (bounds the attention temporaries)."""
+        bias = self.item_bias(torch.arange(self.target_item.num_embeddings, device=user.device))
+        chunks = [
+            self.user_vectors(self.pool_rows(user[part], history[part], mask[part])) @ self.target_item.weight.T + bias
+            for part in (slice(start, start + _SCORE_CHUNK) for start in range(0, user.shape[0], _SCORE_CHUNK))
+        ]
+        return torch.cat(chunks) if chunks else bias.new_zeros((0, bias.numel()))
 
     def _history_term(
         self, numerator: torch.Tensor, denominator: torch.Tensor, count: torch.Tensor, shift: torch.Tensor
@@ -489,12 +525,29 @@ class ACF(TorchRecommender):
     def _score_all(self, users: torch.Tensor) -> torch.Tensor:
         """``(batch,)`` -> ``(batch, n_items)``: the attended user vector against every ``v_j``, plus ``b_j``."""
         net = self._net()
-        bias = net.item_bias(torch.arange(net.target_item.num_embeddings, device=users.device))
-        chunks = [
-            net.user_vectors(net.pool(users[start : start + _SCORE_CHUNK])) @ net.target_item.weight.T + bias
-            for start in range(0, users.numel(), _SCORE_CHUNK)
-        ]
-        return torch.cat(chunks) if chunks else net.target_item.weight.new_zeros((0, net.target_item.num_embeddings))
+        return net.score_rows(net.user(users), net.history[users], net.history_mask[users])
+
+    def score_histories(self, histories: sp.spmatrix) -> torch.Tensor:
+        """``(n, n_items)`` sparse histories of new users -> ``(n, n_items)`` float32 scores.
+
+        A new user has no trained ``u_i``; it gets the mean of the trained user vectors. Unlike
+        ``u = 0`` (a point no user was trained at), the mean keeps the inputs of both attention
+        networks where training put them, and ``mean(u) . v_j`` is the taste shared by all
+        users. The history is pooled exactly as a known user's (capped at ``max_history``, a
+        seeded sample since a matrix has no order); an empty history scores ``mean(u) . v_j + b_j``.
+        """
+        histories = self._check_histories(histories)
+        net = self._net()
+        history, mask = build_history(TrainData(histories), self.config.max_history, self.config.seed)
+        history, mask = history.to(self.device), mask.to(self.device)
+        was_training = net.training
+        net.eval()
+        try:
+            with torch.no_grad():
+                mean_user = net.user.weight.mean(dim=0).expand(mask.shape[0], -1)
+                return net.score_rows(mean_user, history, mask).float().cpu()
+        finally:
+            net.train(was_training)
 
     def item_factors(self) -> np.ndarray:
         """``(n_items, dim)`` target-item vectors ``v_j``."""
