@@ -61,6 +61,7 @@ class DARNConfig(EncoderConfig):
     features: Literal["probs", "codes", "both"] = "probs"
     baseline_hidden: int = 100  # NVIL's input-dependent baseline: one tanh layer
     signal_momentum: float = 0.8  # running mean/variance of the learning signal (NVIL's alpha)
+    variance_reduction: bool = True  # False: plain REINFORCE with the raw signal (an ablation)
     eval_samples: int = 20  # samples of h per image for the importance-sampled NLL
     batch_size: int = 100
     lr: float = 3e-4
@@ -240,7 +241,7 @@ class DARNEncoder(Encoder):
         log_q = module.log_q(batch, codes)
         elbo = (log_joint - log_q).detach()
         baseline = module.baseline(batch).squeeze(-1)
-        signal = module.signal(elbo, baseline.detach())
+        signal = module.signal(elbo, baseline.detach()) if self.config.variance_reduction else elbo
         # Baseline regresses onto the signal left after the running mean (NVIL's least squares).
         baseline_loss = (elbo - module.signal.mean - baseline).pow(2).mean()
         surrogate = -(log_joint + signal * log_q).mean() + baseline_loss
