@@ -188,6 +188,7 @@ class TrainOptions:
     models: list[ModelSpec]
     split: str = "prepare"
     components: str | None = None
+    log_model: bool = False  # also log each model to its MLflow run as a servable pyfunc model
 
 
 class TrainStep(Step):
@@ -269,6 +270,10 @@ class TrainStep(Step):
                 "pipeline_key": key,
             }
             atomic_write_text(model_dir / TRAINING_RECORD, json.dumps(record, indent=2))
+            if self.options.log_model and run.run_id is not None:
+                from acfrec.tracking.pyfunc import log_recommender
+
+                log_recommender(run, model_dir)
 
 
 def _recorded_key(model_dir: Path) -> str | None:

@@ -184,7 +184,9 @@ def test_mlflow_gets_training_evaluation_and_topn_runs(tmp_path: Path):
 
     uri = sqlite_uri(tmp_path / "mlruns" / "mlflow.db")
     tracking = {"enabled": True, "uri": uri, "experiment": "pipeline-test"}
-    path = write_yaml(tmp_path / "tiny.yaml", tiny_pipeline(tmp_path / "run", tracking=tracking))
+    pipeline = tiny_pipeline(tmp_path / "run", tracking=tracking)
+    pipeline["steps"]["train"]["log_model"] = True
+    path = write_yaml(tmp_path / "tiny.yaml", pipeline)
     run_pipeline(path)
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("pipeline-test").experiment_id])
@@ -195,6 +197,8 @@ def test_mlflow_gets_training_evaluation_and_topn_runs(tmp_path: Path):
     assert {a.path for a in client.list_artifacts(evaluation.info.run_id)} >= {"results.csv", "results.md"}
     assert "test.full.NDCG_at_10" in by_name["als"].data.metrics
     assert by_name["topn topn"].data.metrics["rows"] == 300
+    # log_model: the trained model is logged as an MLflow pyfunc model
+    assert "model" in {a.path for a in client.list_artifacts(by_name["train als"].info.run_id)}
 
 
 @pytest.mark.parametrize("example", ["demo.yaml", "ml100k.yaml"])
