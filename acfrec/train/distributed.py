@@ -100,14 +100,15 @@ class DistributedReplicas(Replicas):
 
     def loss_function(self, model: TorchRecommender, sampler: BPRSampler) -> LossFunction:
         wrapper = LossModule(model)
-        unused = unused_parameters(wrapper, next(iter(sampler.epoch_preview())))
+        unused = unused_parameters(wrapper, probe_batch(sampler))
         if unused:
             # Some configurations build parameters their loss never reaches (ACF ablations, e.g.
             # item_attention=False): without this DDP waits for their gradients forever.
             log.info("%s: parameters outside the loss (DDP find_unused_parameters): %s", model.name, unused)
         # Buffers (histories, component features) are built from the same data on every rank and
-        # never change: broadcasting them before each forward would only cost time.
-        return DistributedDataParallel(wrapper, broadcast_buffers=False, find_unused_parameters=bool(unused))
+        # never change: synced once at construction, broadcasting them before each forward would
+        # only cost time.
+        return DistributedDataParallel(wrapper, forward_sync_buffers=False, find_unused_parameters=bool(unused))
 
     def mean_loss(self, loss: torch.Tensor) -> float:
         # Every rank sees the same value, so a non-finite loss stops every rank at the same step.
@@ -191,6 +192,19 @@ class LossModule(nn.Module):
         return self.recommender._loss(users, positives, negatives)
 
 
+def probe_batch(sampler: BPRSampler) -> BPRBatch:
+    """The first ``batch_size`` training pairs with negatives from a throwaway generator.
+
+    The sampler's own generators are left untouched, so probing changes no epoch.
+    """
+    rows = np.arange(min(sampler.users.size, sampler.batch_size))
+    users, positives = sampler.users[rows], sampler.items[rows]
+    negatives = sample_negatives(
+        np.random.default_rng(0), users, sampler.train.shape[1], sampler.sorted_keys, sampler.n_negatives
+    )
+    return BPRBatch(users, positives, negatives)
+
+
 def unused_parameters(wrapper: LossModule, batch: BPRBatch) -> list[str]:
     """Names of the trainable parameters the loss of ``batch`` does not depend on.
 
@@ -242,16 +256,9 @@ class ShardedBPRSampler(BPRSampler):
 
     def epoch(self) -> Iterator[BPRBatch]:
         order = np.resize(self.rng.permutation(self.users.size), self.shard_size * self.world_size)
-        return self._batches(order[self.rank :: self.world_size], self.negative_rng)
-
-    def epoch_preview(self) -> Iterator[BPRBatch]:
-        """Batches drawn from throwaway generators: this sampler's state is left untouched."""
-        probe = np.random.default_rng(0)
-        return self._batches(np.arange(min(self.users.size, self.batch_size)), probe)
-
-    def _batches(self, rows: np.ndarray, negative_rng: np.random.Generator) -> Iterator[BPRBatch]:
+        rows = order[self.rank :: self.world_size]
         users, positives = self.users[rows], self.items[rows]
-        negatives = sample_negatives(negative_rng, users, self.train.shape[1], self.sorted_keys, self.n_negatives)
+        negatives = sample_negatives(self.negative_rng, users, self.train.shape[1], self.sorted_keys, self.n_negatives)
         for start in range(0, users.size, self.batch_size):
             stop = start + self.batch_size
             yield BPRBatch(users[start:stop], positives[start:stop], negatives[start:stop])
