@@ -75,8 +75,9 @@ class RowLSTMLayer(nn.Module):
         state = x.new_zeros(n, self.hidden, width)
         cell = x.new_zeros(n, self.hidden, width)
         rows = []
-        for row in range(height):  # the recurrence runs over image rows
-            state, cell = lstm_update(gates_from_input[:, :, row] + self.state_to_state(state), cell)
+        # unbind, not indexing: one backward node for all rows instead of a full-size zero tensor per row
+        for gates_of_row in gates_from_input.unbind(dim=2):  # the recurrence runs over image rows
+            state, cell = lstm_update(gates_of_row + self.state_to_state(state), cell)
             rows.append(state)
         return x + self.output(torch.stack(rows, dim=2))
 
@@ -106,8 +107,8 @@ class DiagonalBiLSTMLayer(nn.Module):
         state = x.new_zeros(n, 2 * h, height)
         cell = x.new_zeros(n, 2, h, height)
         columns = []
-        for column in range(skewed.shape[-1]):  # the recurrence runs over the skewed columns
-            pre = skewed[..., column] + self.state_to_state(F.pad(state, (1, 0)))
+        for gates_of_column in skewed.unbind(dim=-1):  # the recurrence runs over the skewed columns
+            pre = gates_of_column + self.state_to_state(F.pad(state, (1, 0)))
             new_state, cell = lstm_update(pre.view(n, 2, 4 * h, height), cell, dim=2)
             state = new_state.reshape(n, 2 * h, height)
             columns.append(state)
