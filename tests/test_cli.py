@@ -259,3 +259,10 @@ def test_ml100k_prepare_and_compare(tmp_path: Path, capsys: pytest.CaptureFixtur
     table = pd.read_csv(out / "results.csv").set_index("model")
     assert table.loc["als", "full NDCG@10"] > table.loc["itempop", "full NDCG@10"] > 0.0
     assert table.loc["itempop", "p_value"] < 0.05, "943 paired users separate ALS from popularity"
+
+
+def test_demo_names_a_bad_catalogue_option(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["demo", "--small", "--out", str(tmp_path / "d"), "--no-track", "--set", "data.planted.frames=3"]
+    assert main(argv) == 2
+    error = one_line_error(capsys)
+    assert "data.planted (generator: catalogue)" in error and "'frames'" in error
