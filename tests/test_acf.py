@@ -328,3 +328,13 @@ def test_score_histories_of_new_users(planted, trained):
     torch.testing.assert_close(empty[0], empty[1])
     with pytest.raises(Exception, match=f"n_items={split.n_items}"):
         acf.score_histories(sp.csr_matrix((1, split.n_items + 1)))
+
+
+def test_capped_new_user_history_does_not_depend_on_other_rows(planted, trained):
+    _, split, _, _ = planted
+    acf, _ = trained
+    batch, _ = build_history(TrainData(split.train[[5, 6, 7]]), max_history=3, seed=0)
+    alone, _ = build_history(TrainData(split.train[[6]]), max_history=3, seed=0)
+    assert torch.equal(batch[1], alone[0])
+    rows = acf.score_histories(split.train[[5, 6, 7]])
+    torch.testing.assert_close(rows[1:2], acf.score_histories(split.train[[6]]))

@@ -683,9 +683,14 @@ def _ordered_pairs(frame: pl.DataFrame, train: sp.csr_matrix) -> tuple[np.ndarra
 
 
 def _sampled_pairs(train: sp.csr_matrix, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """(user, item) of the CSR, user-major in a seeded random order (so capping keeps a sample)."""
+    """(user, item) of the CSR, user-major in a seeded random order (so capping keeps a sample).
+
+    The order comes from one seeded priority per item, so a row's sample does not depend on the
+    other rows (a new user's history scores the same alone or in a batch).
+    """
     coo = train.tocoo()
-    order = np.lexsort((rng.random(coo.nnz), coo.row))
+    priority = rng.permutation(train.shape[1])
+    order = np.lexsort((priority[coo.col], coo.row))
     return coo.row[order].astype(np.int64), coo.col[order].astype(np.int64)
 
 
