@@ -268,7 +268,8 @@ class _ACFNetwork(nn.Module):
         self.att_target = nn.Linear(dim, att, bias=False)
         self.att_history = nn.Linear(dim, att, bias=True)  # carries b1
         self.att_out = nn.Linear(att, 1, bias=False)
-        self.dropout = nn.Dropout(config.attention_dropout)
+        # Identity when off: a zero-rate dropout would still cost a pass over the hidden units.
+        self.dropout = nn.Dropout(config.attention_dropout) if config.attention_dropout > 0 else nn.Identity()
         self.has_content = features is not None
         if self.has_content:
             assert feature_mask is not None
