@@ -454,8 +454,18 @@ class CompareOutcome:
     run_id: str | None
 
 
-def run_compare(config: RunConfig, split: Split, models: Sequence[Recommender], tracker: Any) -> CompareOutcome:
-    """Train and evaluate every model on ``split``; one parent MLflow run with a child per model."""
+def run_compare(
+    config: RunConfig,
+    split: Split,
+    models: Sequence[Recommender],
+    tracker: Any,
+    finish: Callable[[Any, dict[str, Recommender], str], None] | None = None,
+) -> CompareOutcome:
+    """Train and evaluate every model on ``split``; one parent MLflow run with a child per model.
+
+    ``finish(parent_run, models_by_name, best_name)`` runs last inside the parent run, so what it
+    writes (lists, a model, pictures) can be logged there.
+    """
     from acfrec.eval.compare import compare, format_table
 
     target, eval_config = config.eval.target, config.eval
@@ -474,6 +484,8 @@ def run_compare(config: RunConfig, split: Split, models: Sequence[Recommender], 
         parent.log_table(table, "results.csv")
         parent.log_table(text + "\n", "results.md")
         parent.set_tags({"acfrec.best_model": best})
+        if finish is not None:
+            finish(parent, {m.name: m for m in models}, best)
     return CompareOutcome(results, {m.name: m for m in models}, table, text, best, parent.run_id)
 
 
@@ -624,13 +636,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if catalogue is not None:
         _give_components(models, catalogue, split, out / "components")
     tracker = _tracker(setup.config)
-    outcome = run_compare(setup.config, split, models, tracker)
+    written: dict[str, Any] = {}
+
+    def finish(parent: Any, by_name: dict[str, Recommender], best: str) -> None:
+        # ACF's lists, model and attention when it is in the run; else the best model's lists.
+        shown = written["shown"] = by_name.get("acf", by_name[best])
+        _write_parquet(top_k_frame(shown, split, k=10), out / "top10.parquet")
+        shown.save(out / "model")
+        written["picture"] = _attention_picture(shown, catalogue, split, out / "attention.png")
+        parent.log_artifact(out / "top10.parquet")
+        if (out / "attention.png").is_file():
+            parent.log_artifact(out / "attention.png")
+        if tracker.tracking_uri:
+            from acfrec.tracking.pyfunc import log_recommender
+
+            written["model_uri"] = log_recommender(parent, out / "model")
+
+    outcome = run_compare(setup.config, split, models, tracker, finish=finish)
     _write_compare_outputs(outcome, out)
-    # ACF's lists, model and attention when it is in the run; else the best model's lists.
-    shown = outcome.models.get("acf", outcome.models[outcome.best])
-    _write_parquet(top_k_frame(shown, split, k=10), out / "top10.parquet")
-    shown.save(out / "model")
-    picture = _attention_picture(shown, catalogue, split, out / "attention.png")
+    shown, picture = written["shown"], written["picture"]
     print(outcome.text)
     print(_significance_note(outcome, setup.config.eval))
     print(f"\ndemo finished in {time.perf_counter() - started:.0f} s; outputs in {out}/:")
@@ -645,6 +669,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"  attention.png       {picture}")
     if tracker.tracking_uri:
         print(f"MLflow: {tracker.tracking_uri} (experiment {tracker.experiment!r}, run {outcome.run_id})")
+        print(f"  model: {written['model_uri']} (mlflow.pyfunc.load_model or acfrec.load)")
         print(f"  mlflow ui --backend-store-uri {tracker.tracking_uri}")
     return 0
 

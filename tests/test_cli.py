@@ -213,6 +213,39 @@ def test_demo_small_writes_top10_with_external_ids(tmp_path: Path, capsys: pytes
     assert not np.any(split.test_items[users] == items) and not np.any(split.valid_items[users] == items)
 
 
+def test_tracked_demo_logs_the_model_and_picture_and_the_api_examples_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The README's promise: the demo's folder and its MLflow model both serve the API examples."""
+    import mlflow
+
+    import acfrec
+
+    uri = sqlite_uri(tmp_path / "mlflow.db")
+    out = tmp_path / "demo"
+    assert main(["demo", "--small", "--out", str(out), "--tracking-uri", uri, "--set", "*.epochs=1"]) == 0
+    model_uri = next(line.split()[1] for line in capsys.readouterr().out.splitlines() if line.strip().startswith("model: runs:/"))
+    run_id = model_uri.split("/")[1]
+    logged = {a.path for a in MlflowClient(uri).list_artifacts(run_id)}
+    assert {"model", "top10.parquet", "attention.png", "results.csv"} <= logged
+
+    local = acfrec.load(out / "model")
+    served = acfrec.load(model_uri, tracking_uri=uri)
+    top = pl.read_parquet(out / "top10.parquet")
+    user, item = top["user"][0], top["item"][0]
+    rec = local.recommend(users=[user], k=10, exclude_seen=True)
+    assert list(rec.columns) == ["user", "rank", "item", "score"] and len(rec) == 10
+    scores = local.score(user=user, items=[item, top["item"][1]])
+    pd.testing.assert_frame_equal(served.score(user=user, items=[item, top["item"][1]]), scores)
+    assert local.recommend_for_history(items=[item], k=5)["item"].nunique() == 5
+    why = local.explain(user=user, item=item)
+    assert why["history"] and all("components" in entry for entry in why["history"])
+    assert len(local.similar_items(item=item, k=3)) == 3
+    mlflow.set_tracking_uri(uri)
+    pairs = mlflow.pyfunc.load_model(model_uri).predict(pd.DataFrame({"user": [user, user], "item": [item, top["item"][1]]}))
+    np.testing.assert_allclose(pairs["score"].to_numpy(), scores["score"].to_numpy(), rtol=1e-5)
+
+
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [

@@ -35,6 +35,7 @@ acfrec itself from its source).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -122,7 +123,7 @@ def log_recommender(run: TrackedRun, model_dir: str | Path, artifact_path: str =
             "(save a model fitted on a Split with model.save)"
         )
     example = pd.DataFrame({"user": IdMap.load(model_dir / "users.json").external_ids[:1].tolist()})
-    with tempfile.TemporaryDirectory(prefix="acfrec-pyfunc-") as tmp, _quiet_downloads():
+    with tempfile.TemporaryDirectory(prefix="acfrec-pyfunc-") as tmp, _quiet_downloads(), _quiet_save():
         local = Path(tmp) / artifact_path.rstrip("/").rsplit("/", 1)[-1]
         mlflow.pyfunc.save_model(
             path=str(local),
@@ -180,6 +181,24 @@ def _quiet_downloads() -> Iterator[None]:
         yield
     finally:
         os.environ.pop(key, None)
+
+
+@contextlib.contextmanager
+def _quiet_save() -> Iterator[None]:
+    """Hide MLflow's generic notes on saving (cloudpickle caution, pip version, example check).
+
+    acfrec's PythonModel is a small class of this package, not user code; the notes would
+    repeat on every logged model and bury the run's own output.
+    """
+    loggers = [logging.getLogger(name) for name in ("mlflow.pyfunc", "mlflow.utils.environment", "mlflow.models")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def _requirements() -> list[str]:
