@@ -14,7 +14,7 @@ full-ranking HR@10 / NDCG@10 of ItemPop, BPR-MF, FISM, SVD++, ALS, ACF and its t
 and how much of the component attention lands on the frames of the user's liked classes,
 relative to uniform attention (the acceptance target is >= 2):
 
-    python benchmarks/bench_acf.py --planted [--set lr=0.005 init_std=0.03 weight_decay=0]
+    python benchmarks/bench_acf.py --planted [--set pretrain=fism lr=0.005] [--catalogue noise=0.5]
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def liked_frame_ratio(model, catalogue, split) -> float:
     return float((beta * liked).sum(-1)[shown].mean() / (liked.sum(-1) / np.maximum(count, 1))[shown].mean())
 
 
-def planted_table(acf_options: dict) -> None:
+def planted_table(acf_options: dict, catalogue_options: dict | None = None) -> None:
     import tempfile
 
     import torch
@@ -133,14 +133,14 @@ def planted_table(acf_options: dict) -> None:
     from acfrec.models import get_model
 
     torch.set_num_threads(1)
-    catalogue = planted_catalogue(seed=0)
+    catalogue = planted_catalogue(**{"seed": 0, **(catalogue_options or {})})
     split = leave_one_out(Interactions.from_frame(catalogue.interactions, timestamp_col="timestamp"), seed=0)
     aligned = catalogue.write_store(Path(tempfile.mkdtemp()) / "frames", dim=32).align(split.items, 10)
     models = {name: get_model(name)(**({} if name in ("itempop", "als") else {"progress": False}))
               for name in ("itempop", "bpr-mf", "fism", "svdpp", "als")}
     for label, options in ABLATIONS.items():
         models[label] = get_model("acf")(components=aligned, progress=False, **{**acf_options, **options})
-    print(f"planted catalogue, seed 0: {split.n_users} users, {split.n_items} items, {split.train.nnz} training "
+    print(f"planted catalogue {catalogue_options or {}}: {split.n_users} users, {split.n_items} items, {split.train.nnz} training "
           f"interactions; ACF options {acf_options}")
     print(f"{'model':<32}{'HR@10':>8}{'NDCG@10':>9}{'liked-frame beta / uniform':>28}")
     for label, model in models.items():
@@ -160,11 +160,16 @@ def main() -> None:
     parser.add_argument("--planted", action="store_true", help="the planted-catalogue acceptance table instead")
     parser.add_argument("--set", dest="acf_options", nargs="+", default=[], metavar="KEY=VALUE",
                         help="ACF options for --planted (YAML values)")
+    parser.add_argument("--catalogue", dest="catalogue_options", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="planted_catalogue arguments for --planted (YAML values; default seed 0)")
     args = parser.parse_args()
     if args.planted:
         import yaml
 
-        planted_table({k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.acf_options)})
+        def parse(pairs: list[str]) -> dict:
+            return {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in pairs)}
+
+        planted_table(parse(args.acf_options), parse(args.catalogue_options))
         return
     if args.one:
         print(json.dumps(run_one(args.one, args.data, args.batch_size, args.threads)))

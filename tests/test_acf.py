@@ -20,7 +20,8 @@ from acfrec.models.acf import ACF, _MixComponents, _select, build_history
 
 # Training settings for the small planted catalogue (the defaults are tuned for ML-100K).
 PLANTED = dict(lr=0.005, init_std=0.03, weight_decay=0.0, max_history=100)
-FAST = dict(progress=False, seed=0, dim=32, attention_dim=16, epochs=4, patience=0, **PLANTED)
+# ACF's own training from scratch; the FISM pre-training stage has its own tests.
+FAST = dict(progress=False, seed=0, dim=32, attention_dim=16, epochs=4, patience=0, pretrain=None, **PLANTED)
 
 
 @pytest.fixture(scope="module")
@@ -234,6 +235,32 @@ def test_components_path_and_missing_content(planted, caplog):
         ACF(components=AlignedComponents(torch.zeros(3, 2, 4), torch.ones(3, 2, dtype=torch.bool)), **FAST).fit(split)
 
 
+def test_fism_pretraining_starts_acf_at_fism(planted):
+    _, split, _, aligned = planted
+    stage = dict(progress=False, seed=0, dim=32, patience=0, max_history=100)
+    fism = get_model("fism")(epochs=3, **{k: v for k, v in stage.items() if k != "max_history"}).fit(split)
+    # no ACF epoch: u = 0 and uniform attention pool p exactly as FISM does (alpha = smoothing)
+    start = ACF(components=aligned, epochs=0, pretrain="fism", pretrain_epochs=3, **stage).fit(split)
+    users = np.arange(split.n_users)
+    torch.testing.assert_close(start.score_all(users), fism.score_all(users), rtol=0, atol=1e-6)
+    assert not start.module.user.weight.any()
+    again = ACF(components=aligned, epochs=0, pretrain="fism", pretrain_epochs=3, **stage).fit(split)
+    torch.testing.assert_close(again.score_all(users), start.score_all(users), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="pretrain must be None or one of"):
+        ACF(components=aligned, **{**FAST, "pretrain": "svd"}).fit(split)
+
+
+def test_pretrained_run_resumes_from_its_checkpoint(planted, tmp_path):
+    _, split, _, aligned = planted
+    options = dict(components=aligned, **{**FAST, "pretrain": "fism", "pretrain_epochs": 2})
+    whole = ACF(**{**options, "epochs": 3}).fit(split)
+    ACF(**{**options, "epochs": 2, "checkpoint_dir": str(tmp_path)}).fit(split)
+    # the second run skips the FISM stage: the checkpoint holds the pre-trained state
+    resumed = ACF(**{**options, "epochs": 3, "checkpoint_dir": str(tmp_path)}).fit(split)
+    users = np.arange(split.n_users)
+    torch.testing.assert_close(resumed.score_all(users), whole.score_all(users), rtol=0, atol=0)
+
+
 @pytest.fixture(scope="module")
 def trained(planted):
     _, split, _, aligned = planted
@@ -260,8 +287,9 @@ def test_acf_beats_itempop_on_the_planted_catalogue(full_ranking):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="measured on this catalogue: ACF HR@10 0.577 / NDCG@10 0.370 vs FISM 0.577 / 0.397 "
-    "(FISM is at the planted oracle's level; ACF's item attention collapses onto few items)",
+    reason="measured on this catalogue: ACF HR@10 0.567 / NDCG@10 0.376 (FISM pre-training, the default; "
+    "0.577 / 0.372 without) vs FISM 0.577 / 0.397. FISM is at the planted oracle's level: validation "
+    "NDCG falls after ACF's first epochs and the attention output vectors barely leave zero",
 )
 def test_acf_beats_fism_on_the_planted_catalogue(full_ranking):
     acf, fism = full_ranking["acf"], full_ranking["fism"]
@@ -273,7 +301,8 @@ def test_acf_beats_fism_on_the_planted_catalogue(full_ranking):
     reason="measured: component attention stays uniform (liked-frame beta mass 0.298 vs uniform "
     "share 0.297, ratio 1.00, target >= 2): beta's only gradient comes through the item logits. "
     "Not a feature problem: one-hot frame classes in place of pixel PCA give ratio 0.95-1.01 too "
-    "(default catalogue; 8-12 frames per item; input scaling; 10x attention step size)",
+    "(default catalogue; 8-12 frames per item; input scaling; 10x attention step size). FISM "
+    "pre-training (NAIS recipe) and attention_lr_scale=10 leave it at 0.99-1.00",
 )
 def test_component_attention_prefers_liked_frames(planted, trained):
     catalogue, split, _, aligned = planted
