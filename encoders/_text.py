@@ -215,6 +215,8 @@ class Terms:
     tokens: int
     sentences: int
     kl: torch.Tensor | None = None
+    # What the training loss charges for the KL when it differs from ``kl`` (free bits).
+    kl_objective: torch.Tensor | None = None
 
 
 class TextEncoder(Encoder):
@@ -291,7 +293,7 @@ class TextEncoder(Encoder):
         metrics = {"nll_per_token": float(terms.recon.detach()) / max(terms.tokens, 1)}
         if terms.kl is not None:
             weight = self.kl_weight()
-            loss = loss + weight * terms.kl
+            loss = loss + weight * (terms.kl if terms.kl_objective is None else terms.kl_objective)
             metrics.update(kl=float(terms.kl.detach()) / max(terms.sentences, 1), kl_weight=weight)
         return loss / max(terms.sentences, 1), metrics
 

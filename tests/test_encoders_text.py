@@ -12,7 +12,7 @@ import torch
 from encoders import Encoder, TextCorpus, get_encoder
 from encoders._text import BOS, EOS, PAD, UNK, TokenBatch, Vocabulary, split_sentences, tokenize
 from encoders.skip_thought import cooccurrence_vectors, fit_linear_map, neighbours
-from encoders.text_vae import DilatedCNNDecoder, kl_weight
+from encoders.text_vae import DilatedCNNDecoder, free_bits_kl, gaussian_kl, kl_weight
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 PLOTS = DATA / "movie-plots" / "movies_extrainfos.dat"
@@ -117,6 +117,22 @@ def test_vae_anneals_per_training_step_and_reports_kl():
     figures = vae.evaluate(CORPUS)
     assert figures["kl"] > 0 and figures["nll_nats"] == pytest.approx(figures["recon_nats"] + figures["kl"])
     assert vae.evaluate(CORPUS) == figures  # the held-out bound's sample is seeded
+
+
+def test_free_bits_charge_each_dimension_at_least_lambda():
+    mu = torch.tensor([[0.0, 2.0], [0.0, 0.0]])
+    logvar = torch.zeros(2, 2)
+    # dimension 0 has KL 0, dimension 1 has KL 2 then 0 (mean 1): charged max(0.5, 0) + max(0.5, 1) per row
+    assert float(gaussian_kl(mu, logvar).sum()) == pytest.approx(2.0)
+    assert float(free_bits_kl(0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar), 0.5)) == pytest.approx(2 * (0.5 + 1.0))
+
+
+def test_free_bits_keep_the_held_out_kl_away_from_zero():
+    def trained(free_bits):
+        return get_encoder("text-vae")(**{**TINY, "epochs": 4, "batch_size": 2}, kl_anneal_steps=2, free_bits=free_bits).fit(CORPUS)
+
+    plain, guarded = trained(0.0).evaluate(CORPUS)["kl"], trained(1.0).evaluate(CORPUS)["kl"]
+    assert guarded > plain and guarded > 0.5
 
 
 # ------------------------------------------------------------------ skip-thought
