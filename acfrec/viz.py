@@ -21,9 +21,9 @@ _CELL, _LABEL_WIDTH = 1.1, 1.9
 
 def plot_attention(
     explanation: Mapping[str, Any],
-    frames: Sequence[np.ndarray] | Mapping[int, np.ndarray],
+    frames: Sequence[np.ndarray] | Mapping[Any, np.ndarray],
     path: str | Path,
-    item_names: Mapping[int, str] | None = None,
+    item_names: Mapping[Any, str] | None = None,
     title: str | None = None,
 ) -> Path:
     """Draw one explained score as a PNG: a row per history item (its alpha), its frames (beta).
@@ -35,7 +35,7 @@ def plot_attention(
             ``top_components`` >= the longest item to see every weight).
         frames: the images of every history item, ``(n_frames, h, w)`` grey or
             ``(n_frames, h, w, 3)`` RGB arrays: a list in the order of ``explanation["history"]``,
-            or a mapping from the history item index to its array.
+            or a mapping from the history item (as the explanation names it: index or external id) to its array.
         path: the PNG to write (atomically: a temporary file, then a rename).
         item_names: optional display names (e.g. external ids) of the items.
         title: defaults to the user, the explained item and the score.
@@ -58,7 +58,7 @@ def plot_attention(
     for row, (entry, stack) in enumerate(zip(history, images, strict=True)):
         label = figure.add_subplot(grid[row, 0])
         label.axis("off")
-        name = names.get(int(entry["item"]), f"item {int(entry['item'])}")
+        name = names.get(entry["item"], f"item {entry['item']}")
         label.text(0.0, 0.5, f"{name}\nalpha = {float(entry['alpha']):.3f}", va="center", fontsize=9)
         beta = _betas(entry, stack.shape[0])
         for column in range(width):
@@ -109,10 +109,10 @@ def _history(explanation: Mapping[str, Any]) -> list[Mapping[str, Any]]:
 
 
 def _frames_per_entry(
-    history: list[Mapping[str, Any]], frames: Sequence[np.ndarray] | Mapping[int, np.ndarray]
+    history: list[Mapping[str, Any]], frames: Sequence[np.ndarray] | Mapping[Any, np.ndarray]
 ) -> list[np.ndarray]:
     """One ``(n_frames, h, w[, 3])`` array per history entry, checked."""
-    items = [int(entry["item"]) for entry in history]
+    items = [entry["item"] for entry in history]
     if isinstance(frames, Mapping):
         missing = [item for item in items if item not in frames]
         if missing:
@@ -140,7 +140,7 @@ def _betas(entry: Mapping[str, Any], n_frames: int) -> np.ndarray:
         index = int(component["component"])
         if not 0 <= index < n_frames:
             raise DataValidationError(
-                f"history item {int(entry['item'])} has {n_frames} frames but the explanation weights "
+                f"history item {entry['item']} has {n_frames} frames but the explanation weights "
                 f"component {index}: the frames do not belong to this item"
             )
         beta[index] = float(component["beta"])

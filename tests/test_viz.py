@@ -65,3 +65,12 @@ def test_bad_input_is_named_and_nothing_is_written(tmp_path):
     with pytest.raises(DataValidationError, match="non-empty 'history'"):
         plot_attention({"user": 1, "history": []}, [], path)
     assert not path.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_external_ids_as_the_service_explains_them(tmp_path):
+    """RecommenderService.explain names items by external id; the picture takes those as they are."""
+    explanation = _explanation()
+    for entry, name in zip(explanation["history"], ("i4", "i9", "i2"), strict=True):
+        entry["item"] = name
+    by_id = dict(zip(("i4", "i9", "i2"), _frames(), strict=True))
+    assert plot_attention(explanation, by_id, tmp_path / "ids.png").stat().st_size > 5_000
