@@ -14,7 +14,9 @@ full-ranking HR@10 / NDCG@10 of ItemPop, BPR-MF, FISM, SVD++, ALS, ACF and its t
 and how much of the component attention lands on the frames of the user's liked classes,
 relative to uniform attention (the acceptance target is >= 2):
 
-    python benchmarks/bench_acf.py --planted [--set pretrain=fism lr=0.005] [--catalogue noise=0.5]
+    python benchmarks/bench_acf.py --planted [--set pretrain=null lr=0.005] [--catalogue noise=0.5]
+
+(ACF pre-trains on FISM by default; ``--set pretrain=null`` trains it from scratch.)
 """
 
 from __future__ import annotations
