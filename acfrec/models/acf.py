@@ -122,7 +122,7 @@ class ACFConfig(TorchConfig):
     0.448 / 0.296. There the ablations score the same (0.29-0.30 NDCG@10) and beta stays
     uniform: validation peaks within ACF's first epoch or two, before attention moves. Also
     pre-trained, NDCG@10 of ACF / its three ablations / FISM: lr 0.01 0.290 / 0.292 / 0.293 /
-    0.291 / 0.289; ``attention_lr_scale=10``, batch 256 0.300 / 0.300 / 0.302 / - / 0.289 (run
+    0.291 / 0.289; ``attention_lr_scale=10``, batch 256 0.300 / 0.300 / 0.302 / 0.294 / 0.289 (run
     on for 15 epochs without early stopping, item attention does sharpen, max/mean alpha 2.1,
     but beta's liked-frame ratio stays 0.99); catalogue ``noise=0.5, click_popularity=0``
     0.157 / 0.157 / 0.154 / 0.155 / 0.161; that with ``n_items=1000`` 0.123 / 0.124 / 0.123 /
