@@ -194,15 +194,26 @@ def raw_pixels(catalogue: Any, split: Any, work: Path) -> Content:
 
 
 # ============================================================================ ACF
-def acf_options(dataset: str, epochs: int, progress: bool) -> dict[str, Any]:
-    """ACF's settings: the demo config's on the catalogue; dim 64 on ML-100K (as the ML-100K baselines)."""
+def acf_options(dataset: str, epochs: int, progress: bool, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """ACF's settings: the demo config's on the catalogue; dim 64 on ML-100K (as the ML-100K baselines).
+
+    ``overrides``: ``key=value`` pairs (YAML values) on top, e.g. ``pretrain=fism``.
+    """
+    import yaml
+
     from acfrec.config import load_run_config
 
     if dataset == "planted":
         base = next(spec.params for spec in load_run_config("demo").models if spec.name == "acf")
     else:
         base = {"dim": 64, "patience": 5}
-    return {**base, "epochs": epochs, "seed": 0, "progress": progress, "num_threads": 1}
+    extra = {}
+    for pair in overrides:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--acf-set: expected key=value, got {pair!r}")
+        extra[key.strip()] = yaml.safe_load(value)
+    return {**base, "epochs": epochs, "seed": 0, "progress": progress, "num_threads": 1, **extra}
 
 
 def run_row(dataset: str, split: Any, content: Content, options: dict[str, Any]) -> Row:
@@ -245,6 +256,8 @@ def caption(args: argparse.Namespace, datasets: Sequence[str]) -> str:
     if "ml100k" in datasets:
         parts.append(f"ML-100K: ACF dim 64 for only {args.ml100k_epochs} epoch(s) (far from converged; "
                      "~25 s per epoch under load), so the content rows are a smoke comparison, not the paper's numbers")
+    if args.acf_set:
+        parts.append(f"ACF overrides: {' '.join(args.acf_set)}")
     parts.append(f"neural encoders: {args.encoder_epochs} epoch(s) of at most {args.encoder_steps or 'all'} steps")
     return "HR@10 / NDCG@10 on the test item; full = all unseen items, sampled = 99 negatives. " + "; ".join(parts) + "."
 
@@ -272,7 +285,7 @@ def dataset_rows(dataset: str, args: argparse.Namespace, work: Path, tracker: An
         split, corpus = ml100k_data(args.data_dir)
     log.info("%s: %s", dataset, split.summary())
     epochs = args.planted_epochs if dataset == "planted" else args.ml100k_epochs
-    options = acf_options(dataset, epochs, args.progress)
+    options = acf_options(dataset, epochs, args.progress, args.acf_set)
     rows = []
     for name in ("none", *sources):
         if name == "none":
@@ -295,6 +308,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help=f"content rows besides 'none'; planted: {list(PLANTED_SOURCES)}, ml100k: {list(TEXT_SOURCES)}")
     parser.add_argument("--planted-epochs", type=int, default=30, help="ACF epochs on the catalogue (early stopping)")
     parser.add_argument("--ml100k-epochs", type=int, default=2, help="ACF epochs on ML-100K (slow: keep small)")
+    parser.add_argument("--acf-set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="ACF config fields for every row, e.g. pretrain=fism lr=0.002")
     parser.add_argument("--encoder-epochs", type=int, default=3, help="epochs of each neural encoder")
     parser.add_argument("--encoder-steps", type=int, default=200, help="max steps per encoder epoch (0: all)")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA, help="holds ml-100k/ and movie-plots/")
@@ -328,7 +343,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     with tracker.run("encoders x ACF", tags={"acfrec.bench": "encoders_acf"}) as parent:
         parent.log_params({"data": args.data, "planted_epochs": args.planted_epochs, "ml100k_epochs": args.ml100k_epochs,
-                           "encoder_epochs": args.encoder_epochs, "encoder_steps": args.encoder_steps})
+                           "encoder_epochs": args.encoder_epochs, "encoder_steps": args.encoder_steps,
+                           "acf_set": " ".join(args.acf_set)})
         rows = [row for dataset in datasets for row in dataset_rows(dataset, args, work, tracker)]
         table = f"{caption(args, datasets)}\n\n{markdown(rows)}\n"
         parent.log_text(table, "encoders_acf.md")
