@@ -46,11 +46,11 @@ Measured (2 shared CPU cores under heavy load from other jobs, one torch thread;
     full HR@10 / NDCG@10, again within noise; `bench_acf.py --planted` measures where the
     component attention lands instead.
 
-    ``--data ml100k --encoders hashed-bow seq-autoencoder lstm-lm --ml100k-epochs 5 --encoder-epochs
-    1 --encoder-steps 300`` (692 s wall). HR@10 / NDCG@10 on the test item; full = all unseen items,
+    ``--data ml100k --encoders hashed-bow seq-autoencoder lstm-lm --ml100k-epochs 5 --encoder-epochs 1
+    --encoder-steps 300`` (692 s wall). HR@10 / NDCG@10 on the test item; full = all unseen items,
     sampled = 99 negatives. ML-100K: ACF dim 64 for only 5 epoch(s) (far from converged; ~35 s per
-    epoch with content under load), so the content rows are a smoke comparison, not the paper's numbers; neural
-    encoders: 1 epoch(s) of at most 300 steps.
+    epoch with content under load), so the content rows are a smoke comparison, not the paper's
+    numbers; neural encoders: 1 epoch(s) of at most 300 steps.
 
     | dataset | ACF content | components | encoder held-out | HR@10 | NDCG@10 | sampled HR@10 | sampled NDCG@10 | epochs | encode s | fit s |
     |---|---|---|---|---|---|---|---|---|---|---|
@@ -59,12 +59,13 @@ Measured (2 shared CPU cores under heavy load from other jobs, one torch thread;
     | ml100k | seq-autoencoder | 7190 x 128 (1655 items) | nll_nats 141.9, perplexity 309.6, recon_nats 141.9 | 0.1198 | 0.0597 | 0.6204 | 0.3534 | 5 | 73 | 163 |
     | ml100k | lstm-lm | 7190 x 128 (1655 items) | nll_nats 142.4, perplexity 316.5, recon_nats 142.4 | 0.1220 | 0.0602 | 0.6193 | 0.3540 | 5 | 69 | 176 |
 
-    After five epochs (ACF on ML-100K is still far from converged) every plot-sentence row is
-    above ACF without content: full HR@10 +0.005-0.008, NDCG@10 +0.002-0.003, sampled HR@10
-    +0.003-0.006; 943 test users put the standard error of HR@10 near 0.01, so this is a direction, not a
-    result. Learned sentence vectors (300 encoder steps, held-out perplexity ~310) do no better
-    than hashed bag of words. The same command with --ml100k-epochs 2 (394 s wall) gave HR@10
-    0.0986 without content against 0.0954-0.0976 with it: no gain yet after two epochs. Encoder figures are identical across runs (seeded).
+    After five epochs (ACF on ML-100K is still far from converged) every plot-sentence row is above ACF
+    without content: full HR@10 +0.005-0.008, NDCG@10 +0.002-0.003, sampled HR@10 +0.003-0.006; 943
+    test users put the standard error of HR@10 near 0.01, so this is a direction, not a result.
+    Learned sentence vectors (300 encoder steps, held-out perplexity ~310) do no better than hashed
+    bag of words. The same command with --ml100k-epochs 2 (394 s wall) gave HR@10 0.0986 without
+    content against 0.0954-0.0976 with it: no gain yet after two epochs. Encoder figures are
+    identical across runs (seeded).
 """
 
 from __future__ import annotations
