@@ -315,17 +315,10 @@ def test_an_id_map_of_the_wrong_size_is_refused(fitted: Fitted, tmp_path: Path) 
 HISTORY_USERS = np.array([0, 3, 7, 11])
 
 
-def _histories_or_skip(model: Recommender, histories: sp.csr_matrix) -> torch.Tensor:
-    try:
-        return model.score_histories(histories)
-    except NotImplementedError as error:
-        pytest.skip(f"{model.name} has no score_histories yet: {error}")
-
-
 def test_score_histories_shape_and_rows(fitted: Fitted, small_split: Split) -> None:
     """Scores of new users' histories: one row per history, each independent of the others."""
     histories = small_split.train[HISTORY_USERS]
-    scores = _histories_or_skip(fitted.model, histories)
+    scores = fitted.model.score_histories(histories)  # every registered model implements it
     assert isinstance(scores, torch.Tensor) and scores.dtype == torch.float32
     assert scores.shape == (HISTORY_USERS.size, small_split.n_items)
     assert torch.isfinite(scores).all()
@@ -336,7 +329,7 @@ def test_score_histories_shape_and_rows(fitted: Fitted, small_split: Split) -> N
 
 
 def test_score_histories_bad_input(fitted: Fitted, small_split: Split) -> None:
-    _histories_or_skip(fitted.model, small_split.train[:1])
+    fitted.model.score_histories(small_split.train[:1])
     wrong = sp.csr_matrix((1, small_split.n_items + 1), dtype=np.float32)
     for bad in (wrong, small_split.train[:1].toarray()):
         with pytest.raises(DataValidationError, match="histories"):
