@@ -231,6 +231,7 @@ def encode_to_store(
     tracker: Any = None,
     progress: bool = True,
     holdout: float = 0.1,
+    retrain: bool = False,
 ) -> Path:
     """Train (or load) ``encoder`` on ``content`` and write the component store of every item.
 
@@ -240,14 +241,19 @@ def encode_to_store(
         content: a path :func:`read_content` reads, or a corpus.
         out: the component store folder (written atomically).
         config: encoder options (fields of its config dataclass), checked by name and type.
-        encoder_dir: where the trained encoder is saved; if it already holds a saved encoder of
-            this name, that one is loaded and not trained again. Default: ``<out>.encoder``.
-        checkpoint_dir: per-epoch checkpoints; a run started again with it resumes.
+        encoder_dir: where the trained encoder is saved; if it already holds one of this name
+            trained with the same config (``device`` and ``num_threads`` aside), that one is
+            loaded and not trained again; one of another name or config is an error naming the
+            differing options (see ``retrain``). Default: ``<out>.encoder``.
+        checkpoint_dir: per-epoch checkpoints; a run started again with it resumes (a checkpoint
+            made with other options, ``epochs`` and ``max_seconds`` aside, is an error).
         tracker: an :class:`acfrec.tracking.Tracker`: one MLflow run with the encoder config, the
             per-epoch training curve (``train.*``, step = epoch) and the held-out figures
             (``heldout.*``).
         holdout: share of items (seeded by the encoder's ``seed``) kept out of training; the
             encoder's held-out likelihood on them goes to the store's meta and to MLflow.
+        retrain: train afresh even when ``encoder_dir`` holds a saved encoder; the new one
+            replaces it atomically once training ends (the old one stays if training fails).
     Returns:
         ``out`` as a Path; open it with :meth:`acfrec.data.components.ComponentStore.open`.
     """
@@ -263,17 +269,18 @@ def encode_to_store(
         run.log_params({"content": source, "n_items": corpus.n_items, "out": str(out.resolve())})
         if encoder in FEATURISERS:
             return _featurise(encoder, corpus, source, out, config or {}, run)
-        return _train_and_encode(encoder, corpus, source, out, config, encoder_dir, checkpoint_dir, run, progress, holdout)
+        return _train_and_encode(encoder, corpus, source, out, config, encoder_dir, checkpoint_dir, run, progress,
+                                 holdout, retrain)
 
 
 def _train_and_encode(
     name: str, corpus: Any, source: str, out: Path, config: dict | None, encoder_dir: str | Path | None,
-    checkpoint_dir: str | Path | None, run: Any, progress: bool, holdout: float,
+    checkpoint_dir: str | Path | None, run: Any, progress: bool, holdout: float, retrain: bool,
 ) -> Path:
     from acfrec.data.components import ComponentStore
 
     encoder_dir = Path(encoder_dir) if encoder_dir is not None else out.with_name(f"{out.name}.encoder")
-    encoder = _saved_encoder(encoder_dir, name, config) or _new_encoder(name, config)
+    encoder = _saved_encoder(encoder_dir, name, config, retrain=retrain) or _new_encoder(name, config)
     _check_modality(name, encoder.modality, corpus, source)
     train_items, held_items = holdout_items(corpus.n_items, holdout, encoder.config.seed)
     run.log_params({"holdout": holdout, "n_heldout_items": int(held_items.size)})
@@ -345,22 +352,43 @@ def _new_encoder(name: str, config: dict | None) -> Encoder:
     return cls(build_config(cls.config_class, config or {}, source="encoder config", where=name))
 
 
-def _saved_encoder(folder: Path, name: str, config: dict | None) -> Encoder | None:
-    """The encoder saved in ``folder``, or None when there is none; refuses one of another name."""
+# Options that change where training runs, never what it learns: a saved encoder is reused across them.
+_RUNTIME_OPTIONS = ("device", "num_threads")
+
+
+def _saved_encoder(folder: Path, name: str, config: dict | None, retrain: bool = False) -> Encoder | None:
+    """The encoder saved in ``folder`` when it is ``name`` trained with ``config``; None when there is
+    none or ``retrain`` asks for a fresh one.
+
+    Raises:
+        ConfigError: the saved encoder has another name or config: names the folder, each
+            differing option with both values, and the ways out.
+    """
     import json
 
     from encoders import Encoder
+    from encoders.base import config_differences, describe_differences
 
     if not (folder / "meta.json").is_file():
         return None
-    saved = json.loads((folder / "meta.json").read_text()).get("encoder")
-    if saved != name:
-        raise ConfigError(f"encoder dir {folder} holds a {saved!r} encoder, not {name!r}; pick another --encoder-dir")
-    encoder = Encoder.load(folder)
-    if config:
-        log.warning("%s: using the encoder saved in %s; its own config wins over the given options %s",
-                    name, folder, sorted(config))
-    return encoder
+    if retrain:
+        log.info("%s: retraining; the encoder saved in %s is replaced when training ends", name, folder)
+        return None
+    fix = "pass the options it was trained with to reuse it, --retrain (retrain=True) to train afresh and replace it, or another --encoder-dir"
+    saved_name = json.loads((folder / "meta.json").read_text()).get("encoder")
+    if saved_name != name:
+        raise ConfigError(f"encoder dir {folder} holds a {saved_name!r} encoder, not {name!r}: {fix}")
+    requested = _new_encoder(name, config)
+    saved = Encoder.load(folder)
+    differences = config_differences(
+        dataclasses.asdict(saved.config), dataclasses.asdict(requested.config), ignore=_RUNTIME_OPTIONS
+    )
+    if differences:
+        raise ConfigError(
+            f"encoder dir {folder} holds a {name!r} encoder trained with other options "
+            f"({describe_differences(differences)}): {fix}"
+        )
+    return saved
 
 
 def _check_modality(name: str, modality: str, corpus: Any, source: str) -> None:
@@ -406,7 +434,10 @@ def add_encode_arguments(parser: argparse.ArgumentParser) -> None:
                         help="encoder option (YAML-typed): epochs=5 layers=[200] features=codes; "
                              "tracking.* sets MLflow")
     parser.add_argument("--encoder-dir", metavar="DIR",
-                        help="save the trained encoder here; reuse it if it already holds one (default: STORE.encoder)")
+                        help="save the trained encoder here; reuse it if it already holds one trained with the same "
+                             "options (default: STORE.encoder)")
+    parser.add_argument("--retrain", action="store_true",
+                        help="train afresh even if --encoder-dir holds a trained encoder, and replace it")
     parser.add_argument("--checkpoint-dir", metavar="DIR", help="per-epoch checkpoints; rerun with it to resume")
     parser.add_argument("--holdout", type=float, default=0.1,
                         help="share of items held out for the likelihood figures (default: 0.1)")
@@ -422,7 +453,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
     out = encode_to_store(
         args.encoder, args.content, args.out, config=apply_overrides({}, overrides),
         encoder_dir=args.encoder_dir, checkpoint_dir=args.checkpoint_dir, tracker=tracker,
-        progress=_show_progress(args), holdout=args.holdout,
+        progress=_show_progress(args), holdout=args.holdout, retrain=args.retrain,
     )
     print(_summary(out))
     _report_tracking(tracker)

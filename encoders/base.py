@@ -33,7 +33,7 @@ import random
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -51,6 +51,8 @@ _REGISTRY: dict[str, type[Encoder]] = {}
 E = TypeVar("E", bound=type["Encoder"])
 # (epoch, {"loss": ..., "valid_<metric>": ...}) after every epoch: MLflow logging, progress notes.
 EpochCallback = Callable[[int, dict[str, float]], None]
+# Options that say how far or where a run goes, never what it learns: a checkpoint resumes across them.
+_RESUMABLE_ACROSS = frozenset({"epochs", "max_seconds", "device", "num_threads"})
 
 
 def register(name: str) -> Callable[[E], E]:
@@ -296,6 +298,12 @@ class Encoder(ABC):
         if folder is None or not (Path(folder) / "last.pt").is_file():
             return 0
         state = torch.load(Path(folder) / "last.pt", weights_only=False)
+        differences = config_differences(state.get("config", {}), dataclasses.asdict(self.config), _RESUMABLE_ACROSS)
+        if differences:
+            raise ValueError(
+                f"checkpoint {folder}/last.pt was made with other options ({describe_differences(differences)}): "
+                "use the same options, or remove it, or use another checkpoint_dir"
+            )
         if state["extra"] != self.extra:
             raise ValueError(
                 f"checkpoint {folder}/last.pt was made on other content ({sorted(state['extra'])} differs): "
@@ -307,6 +315,31 @@ class Encoder(ABC):
         torch.set_rng_state(state["torch_rng"])
         logger.info("%s: resumed from %s/last.pt after epoch %d", self.name, folder, state["epoch"])
         return int(state["epoch"])
+
+
+def config_differences(
+    saved: Mapping[str, Any], requested: Mapping[str, Any], ignore: Iterable[str] = ()
+) -> dict[str, tuple[Any, Any]]:
+    """``{key: (saved value, requested value)}`` for the options both configs have and disagree on.
+
+    Values are compared as JSON (a tuple equals the list it is saved as); keys in ``ignore`` and
+    keys only one side has (a field added or removed between versions) are not compared.
+    """
+    saved, requested = _as_json(saved), _as_json(requested)
+    keys = sorted((set(saved) & set(requested)) - set(ignore))
+    return {key: (saved[key], requested[key]) for key in keys if saved[key] != requested[key]}
+
+
+def describe_differences(differences: Mapping[str, tuple[Any, Any]]) -> str:
+    """``"lr: saved 0.001, requested 0.003; layers: saved [8], requested [16]"``."""
+    return "; ".join(
+        f"{key}: saved {json.dumps(old, default=str)}, requested {json.dumps(new, default=str)}"
+        for key, (old, new) in differences.items()
+    )
+
+
+def _as_json(values: Mapping[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(dict(values), default=str))
 
 
 def _seed(seed: int) -> None:

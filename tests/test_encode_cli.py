@@ -15,6 +15,7 @@ from PIL import Image
 from test_encoder_contract import tiny_images, tiny_texts
 
 from acfrec.cli import main
+from acfrec.config import ConfigError
 from acfrec.data.components import ComponentStore
 from acfrec.data.idmap import IdMap
 from acfrec.encode import encode_to_store, holdout_items, read_content
@@ -119,6 +120,35 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path, images_npz):
     history = json.loads((tmp_path / "resumed.encoder" / "meta.json").read_text())["history"]
     assert [int(r["epoch"]) for r in history] == [1, 2]
     np.testing.assert_allclose(ComponentStore.open(resumed).matrix, ComponentStore.open(straight).matrix, atol=1e-6)
+
+
+def test_a_saved_encoder_of_other_options_is_refused_until_retrain(tmp_path, images_npz, capsys):
+    store_path = tmp_path / "store"
+    encode_to_store("darn", images_npz, store_path, config=TINY_DARN_CONFIG, progress=False)
+    encoder_dir = tmp_path / "store.encoder"
+    first_state = (encoder_dir / "state.pt").read_bytes()
+    wider = {**TINY_DARN_CONFIG, "layers": [16], "lr": 0.003}
+    with pytest.raises(ConfigError) as refused:
+        encode_to_store("darn", images_npz, store_path, config=wider, progress=False)
+    message = str(refused.value)
+    assert str(encoder_dir) in message and "--retrain" in message and "another --encoder-dir" in message
+    assert "layers: saved [8], requested [16]" in message and "lr: saved 0.0003, requested 0.003" in message
+    assert "epochs" not in message  # only the options that differ are named
+    with pytest.raises(ConfigError, match=r"holds a 'darn' encoder, not 'neural-statistician': .*--retrain"):
+        encode_to_store("neural-statistician", images_npz, store_path, encoder_dir=encoder_dir, progress=False)
+    # Runtime options do not change what was learned: the saved encoder is reused as it is.
+    encode_to_store("darn", images_npz, store_path, config={**TINY_DARN_CONFIG, "num_threads": 1}, progress=False)
+    assert (encoder_dir / "state.pt").read_bytes() == first_state
+
+    argv = ["encode", "--encoder", "darn", "--content", str(images_npz), "--out", str(store_path), "--no-track",
+            "--set", *TINY_DARN, "layers=[16]", "lr=0.003"]
+    assert main(argv) == 2
+    assert "acfrec encode: error: encoder dir" in capsys.readouterr().err
+    assert main([*argv, "--retrain"]) == 0
+    saved = json.loads((encoder_dir / "meta.json").read_text())
+    assert saved["config"]["layers"] == [16] and saved["config"]["lr"] == 0.003
+    assert ComponentStore.open(store_path).dim == 16
+    assert not list(tmp_path.glob(".store.encoder*"))  # the old encoder is gone, no temporary folder left
 
 
 def test_holdout_is_seeded_and_never_empty():

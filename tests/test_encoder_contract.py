@@ -120,6 +120,15 @@ class TestEncoderContract:
             make(cls).encode(corpus_for(cls))
 
 
+def test_a_checkpoint_of_other_options_is_not_resumed(tmp_path):
+    corpus = tiny_images()
+    darn = get_encoder("darn")
+    make(darn, epochs=1).fit(corpus, checkpoint_dir=tmp_path / "ckpt")
+    with pytest.raises(ValueError, match=r"ckpt/last.pt was made with other options \(lr: saved 0.0003, requested 0.01\)"):
+        make(darn, lr=0.01).fit(corpus, checkpoint_dir=tmp_path / "ckpt")
+    assert [int(r["epoch"]) for r in make(darn, epochs=3).fit(corpus, checkpoint_dir=tmp_path / "ckpt").history] == [1, 2, 3]
+
+
 def test_unknown_encoder_names_the_choices():
     with pytest.raises(KeyError, match="available"):
         get_encoder("no-such-encoder")
