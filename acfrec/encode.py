@@ -284,16 +284,15 @@ def _train_and_encode(
     _check_modality(name, encoder.modality, corpus, source)
     train_items, held_items = holdout_items(corpus.n_items, holdout, encoder.config.seed)
     run.log_params({"holdout": holdout, "n_heldout_items": int(held_items.size)})
-    run.log_config({"name": name, **dataclasses.asdict(encoder.config)}, prefix="encoder")
+    run.log_config({"name": name, "trainable": encoder.trainable, **dataclasses.asdict(encoder.config)}, prefix="encoder")
     if encoder.module is None:
-        log.info("training %s on %d of %d items ...", name, train_items.size, corpus.n_items)
-        curve = _CurveLogger(run)
-        encoder.fit(corpus.subset(train_items), checkpoint_dir=checkpoint_dir, callbacks=[curve], progress=progress)
-        curve.log_missing(encoder.history)  # epochs finished before a resume
+        _fit(encoder, corpus.subset(train_items), corpus.n_items, checkpoint_dir, run, progress)
         encoder.save(encoder_dir)
     else:
         log.info("loaded the trained %s encoder from %s", name, encoder_dir)
         _CurveLogger(run).log_missing(encoder.history)
+    if encoder.stopped_early:
+        run.log_params({"encoder.stopped_early": encoder.stopped_early})
     figures = encoder.evaluate(corpus.subset(held_items)) if held_items.size else {}
     run.log_metrics(figures, prefix="heldout")
     components = encoder.encode(corpus)
@@ -305,11 +304,27 @@ def _train_and_encode(
         "heldout": figures,
         "n_heldout_items": int(held_items.size),
         "holdout": holdout,
+        "encoder_stopped_early": encoder.stopped_early,
     }
     store = ComponentStore.write(out, components.item_ids, (components.matrix, components.offsets), meta=meta)
     run.log_metrics({"n_components": store.matrix.shape[0], "dim": store.dim})
     log.info("%s: %d items, %d components of dim %d -> %s", name, store.n_items, store.matrix.shape[0], store.dim, out)
     return out
+
+
+def _fit(encoder: Encoder, train: Any, n_items: int, checkpoint_dir: str | Path | None, run: Any, progress: bool) -> None:
+    """Train ``encoder`` on ``train`` logging the curve; a frozen one (``trainable=False``) is only built."""
+    if not encoder.trainable:
+        log.info("%s is frozen (trainable=False): loading it, nothing to train", encoder.name)
+        encoder.fit(train)
+        return
+    log.info("training %s on %d of %d items ...", encoder.name, train.n_items, n_items)
+    curve = _CurveLogger(run)
+    encoder.fit(train, checkpoint_dir=checkpoint_dir, callbacks=[curve], progress=progress)
+    curve.log_missing(encoder.history)  # epochs finished before a resume
+    if encoder.stopped_early:
+        log.warning("%s stopped early (%s) after epoch %d of %d", encoder.name, encoder.stopped_early,
+                    int(encoder.history[-1]["epoch"]), encoder.config.epochs)
 
 
 class _CurveLogger:

@@ -7,9 +7,9 @@ e.g. torchvision's released ``resnet18-f37072fd.pth``); nothing is ever download
 are used only with ``allow_random_weights=True``: a warning is logged and ``extra`` (hence
 ``meta.json``, ``evaluate`` and every saved encoder) records ``random_weights: true``.
 
-Frozen means: :meth:`fit` loads the weights and runs the interface's epochs (so checkpoints,
-resume and the history behave like every encoder's) but updates no parameter; each epoch's
-recorded loss is 0. :meth:`evaluate` reports feature statistics instead of a likelihood.
+Frozen means ``trainable = False``: :meth:`fit` builds the network and loads the weights, and
+trains nothing (no epochs, no checkpoints, an empty history). :meth:`evaluate` reports feature
+statistics instead of a likelihood.
 
 Images are scaled to ``[0, 1]``, one-channel images repeated to three channels, resized to
 ``resize`` pixels (0 keeps their size) and normalised with the ImageNet mean and std.
@@ -18,7 +18,6 @@ Images are scaled to ``[0, 1]``, one-channel images repeated to three channels, 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -46,7 +45,7 @@ class BackboneConfig(EncoderConfig):
     resize: int = 224  # square input side in pixels; 0 keeps the corpus' image size
     components: str = "regions"  # "regions": grid cells of each image; "frames": one vector per image
     grid: tuple[int, int] = (2, 2)  # (rows, cols) of region pooling
-    epochs: int = 1  # nothing is trained; one (empty) epoch satisfies the interface
+    epochs: int = 1  # unused: a frozen backbone is never trained
 
 
 def torchvision_model(arch: str) -> nn.Module:
@@ -110,6 +109,7 @@ class BackboneEncoder(Encoder):
 
     modality: ClassVar[str] = "image"
     config_class: ClassVar[type[EncoderConfig]] = BackboneConfig
+    trainable: ClassVar[bool] = False
     config: BackboneConfig
     test_overrides: ClassVar[dict] = {"allow_random_weights": True, "resize": 32}
 
@@ -160,13 +160,6 @@ class BackboneEncoder(Encoder):
 
     def _build_from_extra(self) -> nn.Module:
         return self._network(None)  # the saved state dict supplies the weights
-
-    def _batches(self, corpus: Corpus, rng: np.random.Generator) -> Iterator[None]:
-        yield None  # one empty step per epoch: a frozen backbone has nothing to learn
-
-    def _loss(self, batch: None) -> tuple[torch.Tensor, dict[str, float]]:
-        # A leaf that needs a gradient, so the shared loop's backward() works; no parameter moves.
-        return torch.zeros((), requires_grad=True), {}
 
     def _features(self, images: np.ndarray) -> torch.Tensor:
         """uint8 ``(b, c, H, W)`` -> trunk feature map ``(b, dim, H', W')``."""

@@ -15,6 +15,8 @@ A subclass sets ``name``, ``modality`` and ``config_class`` and implements:
   whatever must survive save/load besides the state dict goes into ``self.extra`` (JSON-able).
 * ``_batches(corpus, rng) -> iterable of batches`` for one training epoch (seeded shuffling).
 * ``_loss(batch) -> (loss, {metric: float})`` on a training batch.
+  (Neither for an encoder used as it comes, e.g. a pre-trained backbone: it sets
+  ``trainable = False`` and :meth:`Encoder.fit` only builds it.)
 * ``_encode(corpus) -> Components`` under ``no_grad``.
 * ``evaluate(corpus) -> {metric: float}`` held-out figures (NLL in nats, perplexity, KL...).
 * ``output_dim``.
@@ -32,6 +34,7 @@ import os
 import random
 import shutil
 import tempfile
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -96,6 +99,7 @@ class EncoderConfig:
     device: str = "cpu"
     num_threads: int = 0  # intra-op CPU threads while training; 0 keeps torch's default
     max_steps_per_epoch: int = 0  # 0 = the whole corpus each epoch (a budget knob for CPU runs)
+    max_seconds: float | None = None  # wall-clock budget of one fit; None = no limit (see Encoder.fit)
 
 
 class Encoder(ABC):
@@ -104,6 +108,9 @@ class Encoder(ABC):
     name: ClassVar[str] = "encoder"
     modality: ClassVar[str] = "image"  # "image" (regions), "frames" (one vector per frame), "text"
     config_class: ClassVar[type[EncoderConfig]] = EncoderConfig
+    # False for an encoder used as it comes (a pre-trained backbone): fit() builds it and trains
+    # nothing, so it needs no _batches / _loss.
+    trainable: ClassVar[bool] = True
 
     def __init__(self, config: EncoderConfig | None = None, **overrides: Any) -> None:
         config = config if config is not None else self.config_class()
@@ -116,6 +123,7 @@ class Encoder(ABC):
         self.module: nn.Module | None = None
         self.extra: dict[str, Any] = {}
         self.history: list[dict[str, float]] = []
+        self.stopped_early: str | None = None  # why the last fit ended before its epochs ("time budget")
 
     # ---------------------------------------------------------------- subclass hooks
     @property
@@ -125,11 +133,11 @@ class Encoder(ABC):
     @abstractmethod
     def _build(self, corpus: Corpus) -> nn.Module: ...
 
-    @abstractmethod
-    def _batches(self, corpus: Corpus, rng: np.random.Generator) -> Iterable[Any]: ...
+    def _batches(self, corpus: Corpus, rng: np.random.Generator) -> Iterable[Any]:
+        raise NotImplementedError(f"{self.name} is trainable but implements no _batches")
 
-    @abstractmethod
-    def _loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, float]]: ...
+    def _loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError(f"{self.name} is trainable but implements no _loss")
 
     @abstractmethod
     def _encode(self, corpus: Corpus) -> Components: ...
@@ -162,55 +170,91 @@ class Encoder(ABC):
     ) -> Encoder:
         """Train on ``corpus``; resumes from ``checkpoint_dir/last.pt`` when it exists.
 
-        ``valid`` adds ``valid_<metric>`` (from :meth:`evaluate`) to every epoch's metrics.
+        ``valid`` adds ``valid_<metric>`` (from :meth:`evaluate`) to every epoch's metrics. A
+        frozen encoder (``trainable = False``) is only built (its weights loaded): no epochs, no
+        checkpoints, an empty history. With ``config.max_seconds`` training stops after the first
+        step past that many wall-clock seconds, checkpoints that (partial, counted as done) epoch
+        and sets :attr:`stopped_early` to ``"time budget"``.
         """
-        from tqdm.auto import tqdm
-
         if config is not None:
             self.config = config
+        if self.config.max_seconds is not None and not self.config.max_seconds > 0:
+            raise ValueError(f"{self.name}: max_seconds must be positive or None, got {self.config.max_seconds}")
         _seed(self.config.seed)
         threads = torch.get_num_threads()
         if self.config.num_threads > 0:
             torch.set_num_threads(self.config.num_threads)
         try:
             self.module = self._build(corpus).to(self.device)
-            optimizer = torch.optim.Adam(self.module.parameters(), lr=self.config.lr)
-            start = self._resume(checkpoint_dir, optimizer)
-            for epoch in range(start + 1, self.config.epochs + 1):
-                rng = np.random.default_rng([self.config.seed, epoch])
-                self._on_epoch_start(epoch)
-                self.module.train()
-                totals: dict[str, float] = {}
-                n_batches = 0
-                batches = self._batches(corpus, rng)
-                for batch in tqdm(batches, desc=f"{self.name} epoch {epoch}", disable=not progress, leave=False):
-                    loss, metrics = self._loss(batch)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if self.config.grad_clip > 0:
-                        nn.utils.clip_grad_norm_(self.module.parameters(), self.config.grad_clip)
-                    optimizer.step()
-                    for key, value in {"loss": float(loss.detach()), **metrics}.items():
-                        totals[key] = totals.get(key, 0.0) + float(value)
-                    n_batches += 1
-                    if self.config.max_steps_per_epoch and n_batches >= self.config.max_steps_per_epoch:
-                        break
-                record = {key: value / max(n_batches, 1) for key, value in totals.items()}
-                if not all(math.isfinite(v) for v in record.values()):
-                    raise FloatingPointError(f"{self.name} epoch {epoch}: non-finite training metrics {record}")
-                if valid is not None:
-                    record.update({f"valid_{k}": v for k, v in self.evaluate(valid).items()})
-                record["epoch"] = float(epoch)
-                self.history.append(record)
-                logger.info("%s epoch %d: %s", self.name, epoch, _fmt(record))
-                for callback in callbacks:
-                    callback(epoch, record)
-                if checkpoint_dir is not None:
-                    self._checkpoint(Path(checkpoint_dir), optimizer, epoch)
+            if self.trainable:
+                self._train(corpus, valid, checkpoint_dir, callbacks, progress)
+            else:
+                logger.info("%s is frozen (trainable=False): built and loaded, nothing to train", self.name)
         finally:
             torch.set_num_threads(threads)
         self.module.eval()
         return self
+
+    def _train(
+        self, corpus: Corpus, valid: Corpus | None, checkpoint_dir: str | Path | None,
+        callbacks: Sequence[EpochCallback], progress: bool,
+    ) -> None:
+        """The epochs of :meth:`fit` from the last checkpointed one on, within the time budget."""
+        module = self._require_module()
+        optimizer = torch.optim.Adam(module.parameters(), lr=self.config.lr)
+        start = self._resume(checkpoint_dir, optimizer)
+        deadline = None if self.config.max_seconds is None else time.monotonic() + self.config.max_seconds
+        for epoch in range(start + 1, self.config.epochs + 1):
+            self.stopped_early = None
+            record, cut_short = self._epoch(corpus, epoch, optimizer, deadline, progress)
+            if valid is not None:
+                record.update({f"valid_{k}": v for k, v in self.evaluate(valid).items()})
+            record["epoch"] = float(epoch)
+            self.history.append(record)
+            logger.info("%s epoch %d: %s", self.name, epoch, _fmt(record))
+            for callback in callbacks:
+                callback(epoch, record)
+            if cut_short or (_past(deadline) and epoch < self.config.epochs):
+                self.stopped_early = "time budget"
+                logger.warning("%s: stopped after epoch %d: the time budget of %gs is spent",
+                               self.name, epoch, self.config.max_seconds)
+            if checkpoint_dir is not None:
+                self._checkpoint(Path(checkpoint_dir), optimizer, epoch)
+            if self.stopped_early:
+                break
+
+    def _epoch(
+        self, corpus: Corpus, epoch: int, optimizer: torch.optim.Optimizer, deadline: float | None, progress: bool
+    ) -> tuple[dict[str, float], bool]:
+        """One epoch's steps: (mean training metrics plus ``steps``, whether the deadline cut it short)."""
+        from tqdm.auto import tqdm
+
+        module = self._require_module()
+        rng = np.random.default_rng([self.config.seed, epoch])
+        self._on_epoch_start(epoch)
+        module.train()
+        totals: dict[str, float] = {}
+        n_batches, cut_short = 0, False
+        for batch in tqdm(self._batches(corpus, rng), desc=f"{self.name} epoch {epoch}", disable=not progress, leave=False):
+            loss, metrics = self._loss(batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.config.grad_clip > 0:
+                nn.utils.clip_grad_norm_(module.parameters(), self.config.grad_clip)
+            optimizer.step()
+            for key, value in {"loss": float(loss.detach()), **metrics}.items():
+                totals[key] = totals.get(key, 0.0) + float(value)
+            n_batches += 1
+            if self.config.max_steps_per_epoch and n_batches >= self.config.max_steps_per_epoch:
+                break
+            if _past(deadline):
+                cut_short = True
+                break
+        record = {key: value / max(n_batches, 1) for key, value in totals.items()}
+        if not all(math.isfinite(v) for v in record.values()):
+            raise FloatingPointError(f"{self.name} epoch {epoch}: non-finite training metrics {record}")
+        record["steps"] = float(n_batches)
+        return record, cut_short
 
     def encode(self, corpus: Corpus) -> Components:
         """Components of every item of ``corpus`` (frozen encoder, ``no_grad``)."""
@@ -236,6 +280,8 @@ class Encoder(ABC):
             "config": dataclasses.asdict(self.config),
             "extra": self.extra,
             "history": self.history,
+            "stopped_early": self.stopped_early,
+            "trainable": self.trainable,
         }
         with _atomic_dir(path) as tmp:
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
@@ -259,6 +305,7 @@ class Encoder(ABC):
         encoder = encoder_cls(encoder_cls.config_class(**{k: v for k, v in meta["config"].items() if k in fields}))
         encoder.extra = meta.get("extra", {})
         encoder.history = meta.get("history", [])
+        encoder.stopped_early = meta.get("stopped_early")
         encoder.module = encoder._build_from_extra().to(encoder.device)
         encoder.module.load_state_dict(torch.load(path / "state.pt", weights_only=True))
         encoder.module.eval()
@@ -281,6 +328,7 @@ class Encoder(ABC):
             "optimizer": optimizer.state_dict(),
             "extra": self.extra,
             "history": self.history,
+            "stopped_early": self.stopped_early,
             "config": dataclasses.asdict(self.config),
             "torch_rng": torch.get_rng_state(),
         }
@@ -312,6 +360,7 @@ class Encoder(ABC):
         self._require_module().load_state_dict(state["module"])
         optimizer.load_state_dict(state["optimizer"])
         self.history = list(state["history"])
+        self.stopped_early = state.get("stopped_early")
         torch.set_rng_state(state["torch_rng"])
         logger.info("%s: resumed from %s/last.pt after epoch %d", self.name, folder, state["epoch"])
         return int(state["epoch"])
@@ -340,6 +389,10 @@ def describe_differences(differences: Mapping[str, tuple[Any, Any]]) -> str:
 
 def _as_json(values: Mapping[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(dict(values), default=str))
+
+
+def _past(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() >= deadline
 
 
 def _seed(seed: int) -> None:

@@ -151,6 +151,30 @@ def test_a_saved_encoder_of_other_options_is_refused_until_retrain(tmp_path, ima
     assert not list(tmp_path.glob(".store.encoder*"))  # the old encoder is gone, no temporary folder left
 
 
+def test_a_frozen_backbone_is_loaded_not_trained_and_the_run_says_so(tmp_path, images_npz):
+    uri = sqlite_uri(tmp_path / "mlruns" / "mlflow.db")
+    assert main(["encode", "--encoder", "backbone", "--content", str(images_npz), "--out", str(tmp_path / "store"),
+                 "--set", "allow_random_weights=true", "resize=32", "grid=[1,1]",
+                 "--tracking-uri", uri, "--experiment", "frozen"]) == 0
+    saved = json.loads((tmp_path / "store.encoder" / "meta.json").read_text())
+    assert saved["trainable"] is False and saved["history"] == []
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("frozen").experiment_id])
+    assert run.data.params["encoder.trainable"] == "False"
+    assert "heldout.feature_mean" in run.data.metrics and not any(k.startswith("train.") for k in run.data.metrics)
+    assert ComponentStore.open(tmp_path / "store").dim == 512
+
+
+def test_a_time_budget_stops_training_and_the_store_says_so(tmp_path, images_npz):
+    config = {**TINY_DARN_CONFIG, "epochs": 5, "max_seconds": 1e-6}
+    out = encode_to_store("darn", images_npz, tmp_path / "store", config=config, checkpoint_dir=tmp_path / "ckpt",
+                          progress=False)
+    assert ComponentStore.open(out).meta["encoder_stopped_early"] == "time budget"
+    saved = json.loads((tmp_path / "store.encoder" / "meta.json").read_text())
+    assert saved["stopped_early"] == "time budget" and [r["steps"] for r in saved["history"]] == [1.0]
+    assert (tmp_path / "ckpt" / "last.pt").is_file()
+
+
 def test_holdout_is_seeded_and_never_empty():
     train, held = holdout_items(24, 0.1, seed=0)
     assert held.size == 2 and np.intersect1d(train, held).size == 0 and train.size + held.size == 24
