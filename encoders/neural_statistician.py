@@ -30,16 +30,18 @@ Used twice in acfrec:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from encoders.base import Encoder, EncoderConfig, register
+from encoders.base import ENCODER_FORMAT_VERSION, Encoder, EncoderConfig, _atomic_dir, register
 from encoders.corpus import Components, Corpus, ImageCorpus
 from encoders.darn import binarize_images
 
@@ -296,7 +298,12 @@ class SetProfiler:
 
     >>> profiler = SetProfiler(context_dim=8).fit([items[h] for h in histories])
     >>> profiles = profiler.profile([items[h] for h in new_histories])
+    >>> profiler.save("runs/profiler"); SetProfiler.load("runs/profiler")
     """
+
+    OPTIONS: ClassVar[tuple[str, ...]] = ("hidden", "context_dim", "latent_dim", "epochs", "batch_size", "lr",
+                                          "max_set_size", "seed")
+    KIND: ClassVar[str] = "set-profiler"
 
     def __init__(self, hidden: int = 64, context_dim: int = 8, latent_dim: int = 4, epochs: int = 50,
                  batch_size: int = 32, lr: float = 1e-3, max_set_size: int = 32, seed: int = 0) -> None:
@@ -349,5 +356,41 @@ class SetProfiler:
         if self.module is None:
             raise RuntimeError("SetProfiler is not fitted: call fit() first")
         x, offsets = self._ragged(sets)
+        if x.shape[1] != self.module.shift.numel():
+            raise ValueError(f"SetProfiler was fitted on vectors of dim {self.module.shift.numel()}, got dim {x.shape[1]}")
         rows, mask = pad_sets(offsets, np.arange(offsets.size - 1))
         return self.module.context(x[torch.from_numpy(rows)], torch.from_numpy(mask))[0].numpy()
+
+    def save(self, path: str | Path) -> Path:
+        """Folder ``path`` (atomic): ``meta.json`` (options, input dim, history, version), ``state.pt``."""
+        if self.module is None:
+            raise RuntimeError("SetProfiler is not fitted: call fit() first")
+        path = Path(path)
+        meta = {
+            "format_version": ENCODER_FORMAT_VERSION,
+            "kind": self.KIND,
+            "options": {name: getattr(self, name) for name in self.OPTIONS},
+            "n_in": int(self.module.shift.numel()),
+            "history": self.history,
+        }
+        with _atomic_dir(path) as tmp:
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+            torch.save(self.module.state_dict(), tmp / "state.pt")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> SetProfiler:
+        """A profiler saved by :meth:`save`; its profiles equal the saved one's."""
+        meta_file = Path(path) / "meta.json"
+        if not meta_file.is_file():
+            raise FileNotFoundError(f"{path} is not a saved SetProfiler: meta.json is missing")
+        meta = json.loads(meta_file.read_text())
+        if meta.get("kind") != cls.KIND or meta.get("format_version") != ENCODER_FORMAT_VERSION:
+            raise ValueError(f"{meta_file}: not a SetProfiler of format {ENCODER_FORMAT_VERSION} "
+                             f"(kind {meta.get('kind')!r}, format_version {meta.get('format_version')!r})")
+        profiler = cls(**meta["options"])
+        profiler.history = list(meta["history"])
+        module = NeuralStatistician(meta["n_in"], profiler.hidden, profiler.context_dim, profiler.latent_dim, "gaussian")
+        module.load_state_dict(torch.load(Path(path) / "state.pt", weights_only=True))
+        profiler.module = module.eval()
+        return profiler

@@ -177,3 +177,20 @@ def test_user_profiles_separate_users_of_different_planted_classes():
     np.testing.assert_array_equal(profiler.profile(test_sets[:5]), profiles[:5])  # deterministic, per set
     with pytest.raises(ValueError, match="set 1 has shape"):
         profiler.profile([test_sets[0], np.zeros((0, 6))])
+
+
+def test_user_profiler_save_load_gives_identical_profiles(tmp_path):
+    rng = np.random.default_rng(1)
+    train_sets, _ = _planted_histories(40, rng)
+    test_sets, _ = _planted_histories(10, rng)
+    profiler = SetProfiler(hidden=16, context_dim=3, latent_dim=2, epochs=2, seed=3).fit(train_sets)
+    profiler.save(tmp_path / "profiler")
+    loaded = SetProfiler.load(tmp_path / "profiler")
+    np.testing.assert_array_equal(loaded.profile(test_sets), profiler.profile(test_sets))
+    assert (loaded.hidden, loaded.context_dim, loaded.seed, loaded.history) == (16, 3, 3, profiler.history)
+    with pytest.raises(ValueError, match="fitted on vectors of dim 6, got dim 5"):
+        loaded.profile([np.zeros((2, 5))])
+    with pytest.raises(RuntimeError, match="not fitted"):
+        SetProfiler().save(tmp_path / "unfitted")
+    with pytest.raises(FileNotFoundError, match="meta.json is missing"):
+        SetProfiler.load(tmp_path / "unfitted")
