@@ -13,6 +13,14 @@ the pixels (raster order, channel by channel) given ``h^1``. The encoder ``q(h^1
 ``q(h^(l+1) | h^l)`` has the same form; ``autoregressive_encoder=False`` makes it factorised
 (independent logistic units, sampled in one shot instead of unit by unit).
 
+Deterministic hidden layers (``deterministic_hidden = n > 0``; the paper allows them between the
+stochastic layers): every conditional's path from the layer it conditions on becomes a one-
+hidden-layer tanh MLP of width ``n`` instead of a linear map, in the decoder
+``p(h^l | h^(l+1))``, ``p(x | h^1)`` and the encoder ``q(h^(l+1) | h^l)``, ``q(h^1 | x)`` alike
+(the top prior has nothing to condition on). The autoregressive connections within a layer stay
+linear, so the stochastic layers and their codes are unchanged; ``0`` (the default) is the
+plain linear DARN.
+
 Training minimises the description-length bound (the negative ELBO, nats per image)::
 
     L(x) = E_q[ -log p(x, h) + log q(h | x) ]      (the code length of x through h)
@@ -56,6 +64,7 @@ from encoders.corpus import Components, Corpus, ImageCorpus
 @dataclass
 class DARNConfig(EncoderConfig):
     layers: tuple[int, ...] = (200,)  # stochastic binary units per hidden layer, nearest the image first
+    deterministic_hidden: int = 0  # width of a tanh layer inside every conditional's input path; 0 = linear
     autoregressive_encoder: bool = True
     binarize: Literal["threshold", "sample"] = "threshold"
     features: Literal["probs", "codes", "both"] = "probs"
@@ -72,14 +81,15 @@ class AutoregressiveBernoulli(nn.Module):
 
     ``v`` ``(batch, n_units)`` binary, ``u`` ``(batch, n_cond)`` the conditioning layer (none for a
     top-level prior). ``A`` is masked strictly lower-triangular, so unit ``k`` never sees units
-    ``>= k``; without ``autoregressive`` the units are independent given ``u``.
+    ``>= k``; without ``autoregressive`` the units are independent given ``u``. With ``hidden > 0``
+    the term ``W u`` becomes ``W_2 tanh(W_1 u + b_1)`` (a deterministic hidden layer of that width).
     """
 
-    def __init__(self, n_units: int, n_cond: int, autoregressive: bool = True) -> None:
+    def __init__(self, n_units: int, n_cond: int, autoregressive: bool = True, hidden: int = 0) -> None:
         super().__init__()
         self.n_units = n_units
         self.bias = nn.Parameter(torch.zeros(n_units))
-        self.cond = nn.Linear(n_cond, n_units, bias=False) if n_cond else None
+        self.cond = _conditioning(n_cond, n_units, hidden) if n_cond else None
         self.autoregressive = autoregressive
         if autoregressive:
             self.lateral = nn.Parameter(torch.zeros(n_units, n_units))
@@ -123,6 +133,15 @@ class AutoregressiveBernoulli(nn.Module):
         return v, probs
 
 
+def _conditioning(n_cond: int, n_units: int, hidden: int) -> nn.Module:
+    """``(batch, n_cond) -> (batch, n_units)``: linear, or through a tanh layer of width ``hidden``."""
+    if hidden < 0:
+        raise ValueError(f"darn: deterministic_hidden must be >= 0, got {hidden}")
+    if hidden == 0:
+        return nn.Linear(n_cond, n_units, bias=False)  # the layer's own bias is AutoregressiveBernoulli.bias
+    return nn.Sequential(nn.Linear(n_cond, hidden), nn.Tanh(), nn.Linear(hidden, n_units, bias=False))
+
+
 def _draw(probs: torch.Tensor, generator: torch.Generator | None, greedy: bool) -> torch.Tensor:
     if greedy:
         return (probs > 0.5).to(probs.dtype)
@@ -160,12 +179,15 @@ class DARNModule(nn.Module):
 
     def __init__(self, n_pixels: int, config: DARNConfig) -> None:
         super().__init__()
-        sizes = [n_pixels, *config.layers]
+        sizes, hidden = [n_pixels, *config.layers], config.deterministic_hidden
         # decoder[l]: p(layer l | layer l+1); layer 0 is the image. prior: p(top layer).
-        self.decoder = nn.ModuleList(AutoregressiveBernoulli(sizes[i], sizes[i + 1]) for i in range(len(sizes) - 1))
+        self.decoder = nn.ModuleList(
+            AutoregressiveBernoulli(sizes[i], sizes[i + 1], hidden=hidden) for i in range(len(sizes) - 1)
+        )
         self.prior = AutoregressiveBernoulli(sizes[-1], 0)
         self.encoder = nn.ModuleList(
-            AutoregressiveBernoulli(sizes[i + 1], sizes[i], config.autoregressive_encoder) for i in range(len(sizes) - 1)
+            AutoregressiveBernoulli(sizes[i + 1], sizes[i], config.autoregressive_encoder, hidden)
+            for i in range(len(sizes) - 1)
         )
         self.baseline = nn.Sequential(nn.Linear(n_pixels, config.baseline_hidden), nn.Tanh(),
                                       nn.Linear(config.baseline_hidden, 1))

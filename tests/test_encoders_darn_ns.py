@@ -7,7 +7,7 @@ import pytest
 import torch
 from test_encoder_contract import tiny_images
 
-from encoders import ImageCorpus, get_encoder
+from encoders import Encoder, ImageCorpus, get_encoder
 from encoders.darn import AutoregressiveBernoulli, DARNModule, LearningSignal, binarize_images
 from encoders.neural_statistician import NeuralStatistician, SetProfiler, pad_sets
 
@@ -31,9 +31,9 @@ def _strictly_causal_jacobian(layer: AutoregressiveBernoulli, n_cond: int) -> to
     return torch.autograd.functional.jacobian(lambda inputs: layer.logits(inputs, cond)[0], v)[:, 0, :]
 
 
-@pytest.mark.parametrize("n_cond", [0, 5])
-def test_autoregressive_layer_never_sees_current_or_later_units(n_cond):
-    jacobian = _strictly_causal_jacobian(AutoregressiveBernoulli(7, n_cond), n_cond)
+@pytest.mark.parametrize(("n_cond", "hidden"), [(0, 0), (5, 0), (5, 6)])
+def test_autoregressive_layer_never_sees_current_or_later_units(n_cond, hidden):
+    jacobian = _strictly_causal_jacobian(AutoregressiveBernoulli(7, n_cond, hidden=hidden), n_cond)
     upper = torch.triu(torch.ones(7, 7, dtype=torch.bool))  # j >= k
     assert torch.count_nonzero(jacobian[upper]) == 0
     assert torch.count_nonzero(jacobian[~upper]) == 21  # and every earlier unit is seen
@@ -100,6 +100,26 @@ def test_darn_bound_falls_and_importance_sampling_is_tighter():
     assert figures["nll_is_nats"] <= figures["nll_bound_nats"]
     assert figures["nll_bound_nats"] < 144 * np.log(2)  # beats coding every pixel with a fair coin
     assert encoder.evaluate(corpus) == figures  # seeded
+
+
+def test_darn_with_deterministic_hidden_layers(tmp_path):
+    corpus = tiny_images(n_items=48)
+    encoder = get_encoder("darn")(epochs=6, lr=3e-3, deterministic_hidden=16, features="both", **TINY_DARN).fit(corpus)
+    module = encoder.module
+    paths = [layer.cond for layer in [*module.encoder, *module.decoder]]
+    assert all(isinstance(path, torch.nn.Sequential) and path[0].out_features == 16 for path in paths)
+    assert module.prior.cond is None
+    losses = [record["loss"] for record in encoder.history]
+    assert losses[-1] < losses[0] - 10, losses
+    matrix = encoder.encode(corpus).matrix
+    probs, codes = matrix[:, :8], matrix[:, 8:]
+    assert matrix.shape == (96, 16) and set(np.unique(codes)) <= {0.0, 1.0}  # one row per frame
+    np.testing.assert_array_equal(codes, (probs > 0.5).astype(np.float32))
+    encoder.save(tmp_path / "darn")
+    loaded = Encoder.load(tmp_path / "darn")
+    assert loaded.config.deterministic_hidden == 16
+    np.testing.assert_array_equal(loaded.encode(corpus).matrix, matrix)
+    assert loaded.evaluate(corpus) == encoder.evaluate(corpus)
 
 
 def test_sampled_binarisation_depends_on_the_image_only():
