@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from encoders.base import Encoder, EncoderConfig
+from encoders.base import Encoder, EncoderConfig, modality_from_config
 from encoders.corpus import Components, Corpus, ImageCorpus
 
 OUTPUTS = ("bernoulli", "softmax256")
@@ -195,6 +195,11 @@ def encode_regions(
     return Components(matrix, corpus.offsets * per_image.shape[1], list(corpus.item_ids))
 
 
+def component_modality(config: Any) -> str:
+    """The modality a config's ``components`` gives: ``"frames"`` (a vector per image) or ``"image"`` (regions)."""
+    return "frames" if config.components == "frames" else "image"
+
+
 def component_grid(components: str, grid: tuple[int, int]) -> tuple[int, int]:
     """Regions: the configured grid; frames: one vector per image (a 1 x 1 grid)."""
     return (1, 1) if components == "frames" else grid
@@ -221,13 +226,9 @@ class AutoregressiveImageEncoder(Encoder):
     causal feature map ``(n, 2 * hidden, h, w)``. Components are that map pooled to the grid.
     """
 
-    modality: ClassVar[str] = "image"
+    modality = modality_from_config(component_modality)  # type: ignore[assignment]
     config_class: ClassVar[type[EncoderConfig]] = AutoregressiveImageConfig
     config: AutoregressiveImageConfig
-
-    def __init__(self, config: EncoderConfig | None = None, **overrides: Any) -> None:
-        super().__init__(config, **overrides)
-        self.modality = "frames" if self.config.components == "frames" else "image"  # type: ignore[misc]
 
     def _body(self, n_colors: int) -> nn.Module:
         raise NotImplementedError

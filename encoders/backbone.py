@@ -20,15 +20,22 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from encoders._image import check_output, component_grid, encode_regions, image_chunks, require_images
-from encoders.base import Encoder, EncoderConfig, register
+from encoders._image import (
+    check_output,
+    component_grid,
+    component_modality,
+    encode_regions,
+    image_chunks,
+    require_images,
+)
+from encoders.base import Encoder, EncoderConfig, modality_from_config, register
 from encoders.corpus import Components, Corpus
 
 logger = logging.getLogger(__name__)
@@ -107,15 +114,11 @@ class Normalised(nn.Module):
 class BackboneEncoder(Encoder):
     """Region features of a frozen, pre-trained torchvision backbone."""
 
-    modality: ClassVar[str] = "image"
+    modality = modality_from_config(component_modality)  # type: ignore[assignment]
     config_class: ClassVar[type[EncoderConfig]] = BackboneConfig
     trainable: ClassVar[bool] = False
     config: BackboneConfig
     test_overrides: ClassVar[dict] = {"allow_random_weights": True, "resize": 32}
-
-    def __init__(self, config: EncoderConfig | None = None, **overrides: Any) -> None:
-        super().__init__(config, **overrides)
-        self.modality = "frames" if self.config.components == "frames" else "image"  # type: ignore[misc]
 
     @property
     def output_dim(self) -> int:

@@ -11,6 +11,12 @@ item into components (one vector per frame, image region or sentence)::
 
 A subclass sets ``name``, ``modality`` and ``config_class`` and implements:
 
+``modality`` says what a component is: ``"image"`` (regions of an image), ``"frames"`` (one
+vector per image / frame) or ``"text"`` (one vector per sentence). A plain class attribute when it
+is fixed; :class:`modality_from_config` when the config decides (an image encoder's
+``components = "regions" | "frames"``): then ``Cls.modality`` is the default config's and
+``encoder.modality`` its current config's, also after ``fit(corpus, new_config)``.
+
 * ``_build(corpus) -> nn.Module``: create the network (vocabulary, image shape from ``corpus``);
   whatever must survive save/load besides the state dict goes into ``self.extra`` (JSON-able).
 * ``_batches(corpus, rng) -> iterable of batches`` for one training epoch (seeded shuffling).
@@ -100,6 +106,20 @@ class EncoderConfig:
     num_threads: int = 0  # intra-op CPU threads while training; 0 keeps torch's default
     max_steps_per_epoch: int = 0  # 0 = the whole corpus each epoch (a budget knob for CPU runs)
     max_seconds: float | None = None  # wall-clock budget of one fit; None = no limit (see Encoder.fit)
+
+
+class modality_from_config:  # noqa: N801 - used like a class attribute
+    """``modality = modality_from_config(rule)``: the modality the config gives, ``rule(config) -> str``.
+
+    On the class it answers for ``config_class()`` (the defaults); on an instance for
+    ``instance.config``, so it never disagrees with the config.
+    """
+
+    def __init__(self, rule: Callable[[Any], str]) -> None:
+        self.rule = rule
+
+    def __get__(self, instance: Encoder | None, owner: type[Encoder]) -> str:
+        return self.rule(owner.config_class() if instance is None else instance.config)
 
 
 class Encoder(ABC):

@@ -7,6 +7,7 @@ the contract always trains 2 epochs of at most 3 steps on a few dozen items. A f
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -130,6 +131,10 @@ class TestEncoderContract:
         figures = make(cls).fit(corpus).evaluate(corpus)
         assert figures and all(np.isfinite(v) for v in figures.values())
 
+    def test_modality_is_the_configs(self, name):
+        cls = get_encoder(name)
+        assert cls.modality in ("image", "frames", "text") and cls().modality == cls.modality
+
     def test_unfitted_encode_is_a_clear_error(self, name):
         cls = get_encoder(name)
         with pytest.raises(RuntimeError, match="not fitted"):
@@ -169,6 +174,17 @@ def test_a_time_budget_stops_after_a_step_checkpoints_and_resumes(tmp_path):
     assert resumed.stopped_early is None
     with pytest.raises(ValueError, match="max_seconds must be positive or None, got 0"):
         make(cls, max_seconds=0).fit(corpus)
+
+
+def test_modality_follows_the_config_an_encoder_is_fitted_with(tmp_path):
+    cls = get_encoder("pixelcnn")
+    encoder = make(cls)
+    assert encoder.modality == cls.modality == "image"  # regions by default
+    encoder.fit(tiny_images(), dataclasses.replace(encoder.config, components="frames", epochs=1))
+    assert encoder.modality == "frames" and cls.modality == "image"
+    encoder.save(tmp_path / "enc")
+    assert json.loads((tmp_path / "enc" / "meta.json").read_text())["modality"] == "frames"
+    assert Encoder.load(tmp_path / "enc").modality == "frames"
 
 
 def test_a_checkpoint_of_other_options_is_not_resumed(tmp_path):
