@@ -246,7 +246,8 @@ def encode_to_store(
             loaded and not trained again; one of another name or config is an error naming the
             differing options (see ``retrain``). Default: ``<out>.encoder``.
         checkpoint_dir: per-epoch checkpoints; a run started again with it resumes (a checkpoint
-            made with other options, ``epochs`` and ``max_seconds`` aside, is an error).
+            made with other options, ``epochs`` and ``max_seconds`` aside, is an error, or with
+            ``retrain`` replaced by a fresh run's).
         tracker: an :class:`acfrec.tracking.Tracker`: one MLflow run with the encoder config, the
             per-epoch training curve (``train.*``, step = epoch) and the held-out figures
             (``heldout.*``).
@@ -286,7 +287,7 @@ def _train_and_encode(
     run.log_params({"holdout": holdout, "n_heldout_items": int(held_items.size)})
     run.log_config({"name": name, "trainable": encoder.trainable, **dataclasses.asdict(encoder.config)}, prefix="encoder")
     if encoder.module is None:
-        _fit(encoder, corpus.subset(train_items), corpus.n_items, checkpoint_dir, run, progress)
+        _fit(encoder, corpus.subset(train_items), corpus.n_items, checkpoint_dir, run, progress, retrain)
         encoder.save(encoder_dir)
     else:
         log.info("loaded the trained %s encoder from %s", name, encoder_dir)
@@ -312,15 +313,26 @@ def _train_and_encode(
     return out
 
 
-def _fit(encoder: Encoder, train: Any, n_items: int, checkpoint_dir: str | Path | None, run: Any, progress: bool) -> None:
-    """Train ``encoder`` on ``train`` logging the curve; a frozen one (``trainable=False``) is only built."""
+def _fit(
+    encoder: Encoder, train: Any, n_items: int, checkpoint_dir: str | Path | None, run: Any, progress: bool, retrain: bool
+) -> None:
+    """Train ``encoder`` on ``train`` logging the curve; a frozen one (``trainable=False``) is only built.
+
+    ``retrain``: a checkpoint made with other options is not an error; training starts afresh.
+    """
+    from encoders.base import StaleCheckpointError
+
     if not encoder.trainable:
         log.info("%s is frozen (trainable=False): loading it, nothing to train", encoder.name)
         encoder.fit(train)
         return
     log.info("training %s on %d of %d items ...", encoder.name, train.n_items, n_items)
     curve = _CurveLogger(run)
-    encoder.fit(train, checkpoint_dir=checkpoint_dir, callbacks=[curve], progress=progress)
+    try:
+        encoder.fit(train, checkpoint_dir=checkpoint_dir, callbacks=[curve], progress=progress,
+                    restart_stale_checkpoint=retrain)
+    except StaleCheckpointError as error:
+        raise ConfigError(f"{error}; or --retrain (retrain=True) to train afresh") from error
     curve.log_missing(encoder.history)  # epochs finished before a resume
     if encoder.stopped_early:
         log.warning("%s stopped early (%s) after epoch %d of %d", encoder.name, encoder.stopped_early,

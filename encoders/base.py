@@ -108,6 +108,10 @@ class EncoderConfig:
     max_seconds: float | None = None  # wall-clock budget of one fit; None = no limit (see Encoder.fit)
 
 
+class StaleCheckpointError(ValueError):
+    """A checkpoint folder's ``last.pt`` was made with other options or on other content."""
+
+
 class modality_from_config:  # noqa: N801 - used like a class attribute
     """``modality = modality_from_config(rule)``: the modality the config gives, ``rule(config) -> str``.
 
@@ -187,8 +191,13 @@ class Encoder(ABC):
         checkpoint_dir: str | Path | None = None,
         callbacks: Sequence[EpochCallback] = (),
         progress: bool = False,
+        restart_stale_checkpoint: bool = False,
     ) -> Encoder:
         """Train on ``corpus``; resumes from ``checkpoint_dir/last.pt`` when it exists.
+
+        A checkpoint made with other options or on other content raises
+        :class:`StaleCheckpointError`; with ``restart_stale_checkpoint`` training starts afresh
+        instead (and overwrites it).
 
         ``valid`` adds ``valid_<metric>`` (from :meth:`evaluate`) to every epoch's metrics. A
         frozen encoder (``trainable = False``) is only built (its weights loaded): no epochs, no
@@ -207,7 +216,7 @@ class Encoder(ABC):
         try:
             self.module = self._build(corpus).to(self.device)
             if self.trainable:
-                self._train(corpus, valid, checkpoint_dir, callbacks, progress)
+                self._train(corpus, valid, checkpoint_dir, callbacks, progress, restart_stale_checkpoint)
             else:
                 logger.info("%s is frozen (trainable=False): built and loaded, nothing to train", self.name)
         finally:
@@ -217,12 +226,12 @@ class Encoder(ABC):
 
     def _train(
         self, corpus: Corpus, valid: Corpus | None, checkpoint_dir: str | Path | None,
-        callbacks: Sequence[EpochCallback], progress: bool,
+        callbacks: Sequence[EpochCallback], progress: bool, restart_stale: bool,
     ) -> None:
         """The epochs of :meth:`fit` from the last checkpointed one on, within the time budget."""
         module = self._require_module()
         optimizer = torch.optim.Adam(module.parameters(), lr=self.config.lr)
-        start = self._resume(checkpoint_dir, optimizer)
+        start = self._resume(checkpoint_dir, optimizer, restart_stale)
         deadline = None if self.config.max_seconds is None else time.monotonic() + self.config.max_seconds
         for epoch in range(start + 1, self.config.epochs + 1):
             self.stopped_early = None
@@ -361,21 +370,28 @@ class Encoder(ABC):
             Path(tmp).unlink(missing_ok=True)
             raise
 
-    def _resume(self, folder: str | Path | None, optimizer: torch.optim.Optimizer) -> int:
-        """Load ``folder/last.pt`` if present; returns the last finished epoch (0 when fresh)."""
+    def _resume(self, folder: str | Path | None, optimizer: torch.optim.Optimizer, restart_stale: bool = False) -> int:
+        """Load ``folder/last.pt`` if present; returns the last finished epoch (0 when fresh).
+
+        A checkpoint made with other options (``_RESUMABLE_ACROSS`` aside) or on other content
+        is a :class:`StaleCheckpointError`, or with ``restart_stale`` ignored (training starts
+        afresh and its first checkpoint replaces it).
+        """
         if folder is None or not (Path(folder) / "last.pt").is_file():
             return 0
         state = torch.load(Path(folder) / "last.pt", weights_only=False)
         differences = config_differences(state.get("config", {}), dataclasses.asdict(self.config), _RESUMABLE_ACROSS)
-        if differences:
-            raise ValueError(
-                f"checkpoint {folder}/last.pt was made with other options ({describe_differences(differences)}): "
-                "use the same options, or remove it, or use another checkpoint_dir"
-            )
+        problem = f"with other options ({describe_differences(differences)})" if differences else ""
         if state["extra"] != self.extra:
-            raise ValueError(
-                f"checkpoint {folder}/last.pt was made on other content ({sorted(state['extra'])} differs): "
-                "remove it or use another checkpoint_dir"
+            problem = f"on other content (one of {sorted(state['extra'])} differs)"
+        if problem and restart_stale:
+            logger.warning("%s: %s/last.pt was made %s: training afresh (the next checkpoint replaces it)",
+                           self.name, folder, problem)
+            return 0
+        if problem:
+            raise StaleCheckpointError(
+                f"checkpoint {folder}/last.pt was made {problem}: use the same options, remove it, "
+                "or use another checkpoint_dir"
             )
         self._require_module().load_state_dict(state["module"])
         optimizer.load_state_dict(state["optimizer"])

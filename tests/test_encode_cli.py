@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 from test_encoder_contract import tiny_images, tiny_texts
@@ -123,8 +124,8 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path, images_npz):
 
 
 def test_a_saved_encoder_of_other_options_is_refused_until_retrain(tmp_path, images_npz, capsys):
-    store_path = tmp_path / "store"
-    encode_to_store("darn", images_npz, store_path, config=TINY_DARN_CONFIG, progress=False)
+    store_path, checkpoints = tmp_path / "store", tmp_path / "ckpt"
+    encode_to_store("darn", images_npz, store_path, config=TINY_DARN_CONFIG, checkpoint_dir=checkpoints, progress=False)
     encoder_dir = tmp_path / "store.encoder"
     first_state = (encoder_dir / "state.pt").read_bytes()
     wider = {**TINY_DARN_CONFIG, "layers": [16], "lr": 0.003}
@@ -139,14 +140,19 @@ def test_a_saved_encoder_of_other_options_is_refused_until_retrain(tmp_path, ima
     # Runtime options do not change what was learned: the saved encoder is reused as it is.
     encode_to_store("darn", images_npz, store_path, config={**TINY_DARN_CONFIG, "num_threads": 1}, progress=False)
     assert (encoder_dir / "state.pt").read_bytes() == first_state
+    # The checkpoints of the old options are no more resumed than the saved encoder is reused.
+    with pytest.raises(ConfigError, match=r"ckpt/last.pt was made with other options \(layers: saved \[8\].*--retrain"):
+        encode_to_store("darn", images_npz, tmp_path / "other", config=wider, checkpoint_dir=checkpoints, progress=False)
 
     argv = ["encode", "--encoder", "darn", "--content", str(images_npz), "--out", str(store_path), "--no-track",
-            "--set", *TINY_DARN, "layers=[16]", "lr=0.003"]
+            "--checkpoint-dir", str(checkpoints), "--set", *TINY_DARN, "layers=[16]", "lr=0.003"]
     assert main(argv) == 2
     assert "acfrec encode: error: encoder dir" in capsys.readouterr().err
     assert main([*argv, "--retrain"]) == 0
     saved = json.loads((encoder_dir / "meta.json").read_text())
     assert saved["config"]["layers"] == [16] and saved["config"]["lr"] == 0.003
+    assert [int(r["epoch"]) for r in saved["history"]] == [1, 2]  # trained afresh, not resumed
+    assert list(torch.load(checkpoints / "last.pt", weights_only=False)["config"]["layers"]) == [16]
     assert ComponentStore.open(store_path).dim == 16
     assert not list(tmp_path.glob(".store.encoder*"))  # the old encoder is gone, no temporary folder left
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from encoders import Components, Encoder, ImageCorpus, TextCorpus, available_encoders, get_encoder
+from encoders.base import StaleCheckpointError
 
 _WORDS = {
     "subject": ["the detective", "a young woman", "the old sailor", "two brothers", "the robot", "a small town"],
@@ -191,9 +192,12 @@ def test_a_checkpoint_of_other_options_is_not_resumed(tmp_path):
     corpus = tiny_images()
     darn = get_encoder("darn")
     make(darn, epochs=1).fit(corpus, checkpoint_dir=tmp_path / "ckpt")
-    with pytest.raises(ValueError, match=r"ckpt/last.pt was made with other options \(lr: saved 0.0003, requested 0.01\)"):
+    with pytest.raises(StaleCheckpointError, match=r"ckpt/last.pt was made with other options \(lr: saved 0.0003, requested 0.01\)"):
         make(darn, lr=0.01).fit(corpus, checkpoint_dir=tmp_path / "ckpt")
-    assert [int(r["epoch"]) for r in make(darn, epochs=3).fit(corpus, checkpoint_dir=tmp_path / "ckpt").history] == [1, 2, 3]
+    assert trained_epochs(make(darn, epochs=3).fit(corpus, checkpoint_dir=tmp_path / "ckpt")) == [1, 2, 3]
+    restarted = make(darn, lr=0.01).fit(corpus, checkpoint_dir=tmp_path / "ckpt", restart_stale_checkpoint=True)
+    assert trained_epochs(restarted) == [1, 2]  # afresh, and its checkpoint replaced the stale one
+    assert trained_epochs(make(darn, lr=0.01, epochs=3).fit(corpus, checkpoint_dir=tmp_path / "ckpt")) == [1, 2, 3]
 
 
 def test_unknown_encoder_names_the_choices():
