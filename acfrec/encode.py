@@ -494,5 +494,7 @@ def _summary(out: Path) -> str:
     lines = [f"{store.meta['encoder']}: {store.n_items} items, {store.matrix.shape[0]} components of dim {store.dim} "
              f"-> {out}"]
     lines += [f"  held-out {key}: {value:.4f}" for key, value in store.meta.get("heldout", {}).items()]
+    if store.meta.get("encoder_stopped_early"):
+        lines.append(f"  training stopped early: {store.meta['encoder_stopped_early']} (max_seconds)")
     return "\n".join(lines)
 

@@ -171,10 +171,11 @@ def test_a_frozen_backbone_is_loaded_not_trained_and_the_run_says_so(tmp_path, i
     assert ComponentStore.open(tmp_path / "store").dim == 512
 
 
-def test_a_time_budget_stops_training_and_the_store_says_so(tmp_path, images_npz):
-    config = {**TINY_DARN_CONFIG, "epochs": 5, "max_seconds": 1e-6}
-    out = encode_to_store("darn", images_npz, tmp_path / "store", config=config, checkpoint_dir=tmp_path / "ckpt",
-                          progress=False)
+def test_a_time_budget_stops_training_and_the_store_says_so(tmp_path, images_npz, capsys):
+    out = tmp_path / "store"
+    assert main(["encode", "--encoder", "darn", "--content", str(images_npz), "--out", str(out), "--no-track",
+                 "--checkpoint-dir", str(tmp_path / "ckpt"), "--set", *TINY_DARN, "epochs=5", "max_seconds=0.000001"]) == 0
+    assert "training stopped early: time budget (max_seconds)" in capsys.readouterr().out
     assert ComponentStore.open(out).meta["encoder_stopped_early"] == "time budget"
     saved = json.loads((tmp_path / "store.encoder" / "meta.json").read_text())
     assert saved["stopped_early"] == "time budget" and [r["steps"] for r in saved["history"]] == [1.0]
