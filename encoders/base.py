@@ -11,12 +11,6 @@ item into components (one vector per frame, image region or sentence)::
 
 A subclass sets ``name``, ``modality`` and ``config_class`` and implements:
 
-``modality`` says what a component is: ``"image"`` (regions of an image), ``"frames"`` (one
-vector per image / frame) or ``"text"`` (one vector per sentence). A plain class attribute when it
-is fixed; :class:`modality_from_config` when the config decides (an image encoder's
-``components = "regions" | "frames"``): then ``Cls.modality`` is the default config's and
-``encoder.modality`` its current config's, also after ``fit(corpus, new_config)``.
-
 * ``_build(corpus) -> nn.Module``: create the network (vocabulary, image shape from ``corpus``);
   whatever must survive save/load besides the state dict goes into ``self.extra`` (JSON-able).
 * ``_batches(corpus, rng) -> iterable of batches`` for one training epoch (seeded shuffling).
@@ -26,6 +20,12 @@ is fixed; :class:`modality_from_config` when the config decides (an image encode
 * ``_encode(corpus) -> Components`` under ``no_grad``.
 * ``evaluate(corpus) -> {metric: float}`` held-out figures (NLL in nats, perplexity, KL...).
 * ``output_dim``.
+
+``modality`` says what a component is: ``"image"`` (regions of an image), ``"frames"`` (one
+vector per image / frame) or ``"text"`` (one vector per sentence). A plain class attribute when it
+is fixed; :class:`modality_from_config` when the config decides (an image encoder's
+``components = "regions" | "frames"``): then ``Cls.modality`` is the default config's and
+``encoder.modality`` its current config's, also after ``fit(corpus, new_config)``.
 
 This package depends on torch (and torchvision for the backbone) only, never on ``acfrec``.
 """
