@@ -256,6 +256,38 @@ class RecommenderService:
         history = [dict(entry, item=str(self.items.external_ids[entry["item"]])) for entry in found["history"]]
         return dict(found, user=str(user), item=str(item), history=history)
 
+    # -------------------------------------------------------------- new items
+    def add_items(self, components: Any, item_ids: Ids | None = None) -> list[str]:
+        """Add items nobody has consumed yet, from their content, without retraining.
+
+        The model computes the new items' vectors from their components (ACF trained with
+        ``content_tower=True``); a built item index gets them inserted, so ``recommend``,
+        ``score`` and ``similar_items`` serve them at once. Call it between requests: it changes
+        the model.
+
+        Args:
+            components: a :class:`~acfrec.data.components.ComponentStore` (by default every store
+                item the model does not know yet) or aligned components of the new items.
+            item_ids: which store items to add, or the names of the aligned rows.
+        Returns:
+            the added items' external ids, in index order.
+        """
+        add = getattr(self.model, "add_items", None)
+        if add is None:
+            raise DataValidationError(
+                f"{type(self.model).__name__} cannot add items from content: train ACF with content_tower=True"
+            )
+        if self.model.items is None or self.model.items != self.items:
+            raise ArtifactError("add_items needs the model's own item id map (the model was given another one)")
+        ids = None if item_ids is None else _id_list(item_ids, "item_ids")
+        with self._lock:
+            added = add(components, ids)
+            self.items = self.model.items
+            if self._index is not None:
+                _, vectors = model_vectors(self.model, np.zeros(1, dtype=np.int64))
+                self._index.add_items(vectors, items=self.items)
+        return [str(x) for x in self.items.to_external(added)]
+
     # ---------------------------------------------------------------- helpers
     def item_index(self) -> ItemIndex:
         """The item index serving top-N (built on first use from the model's item vectors)."""

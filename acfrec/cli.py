@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -137,8 +138,9 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
                              "fism.dim=32 (one model), epochs=5 (every model that has it)")
 
 
-def _add_eval_options(parser: argparse.ArgumentParser, target: bool = True) -> None:
-    parser.add_argument("--protocols", nargs="+", choices=("full", "sampled"), help="default: full sampled")
+def _add_eval_options(parser: argparse.ArgumentParser, target: bool = True, cold: bool = False) -> None:
+    choices, extra = (("full", "sampled", "cold"), "; cold: new items ranked from content") if cold else (("full", "sampled"), "")
+    parser.add_argument("--protocols", nargs="+", choices=choices, help=f"default: full sampled{extra}")
     parser.add_argument("--ks", nargs="+", type=int, help="metric cutoffs (default: 10 20 50 100)")
     if target:
         parser.add_argument("--target", choices=("valid", "test"), help="held-out item to rank (default: test)")
@@ -176,8 +178,11 @@ def _add_compare(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", metavar="DIR", help="write results.csv, results.md and per-user ranks here")
     parser.add_argument("--metric", help="metric of the paired test against the best model (default: NDCG@10)")
     parser.add_argument("--test", choices=("wilcoxon", "bootstrap"), help="paired test (default: wilcoxon)")
+    parser.add_argument("--components", metavar="STORE",
+                        help="component store of the items' content (cold protocol, ACF without components)")
+    parser.add_argument("--cold-share", type=float, help="share of items held out by the cold protocol (default 0.2)")
     _add_config_options(parser)
-    _add_eval_options(parser)
+    _add_eval_options(parser, cold=True)
     _add_data_options(parser)
 
 
@@ -256,11 +261,11 @@ _DATA_FLAGS = ("format", "sep", "user_col", "item_col", "timestamp_col", "rating
 
 def _apply_flags(config: RunConfig, args: argparse.Namespace) -> None:
     """Explicit command-line flags win over the config file."""
-    data = {name: getattr(args, name) for name in _DATA_FLAGS if getattr(args, name, None) is not None}
+    data = {name: getattr(args, name) for name in (*_DATA_FLAGS, "components") if getattr(args, name, None) is not None}
     if getattr(args, "data", None):
         data.update(path=args.data, planted=None)
     config.data = dataclasses.replace(config.data, **data)
-    evals = {name: getattr(args, name) for name in ("protocols", "ks", "target", "metric", "test")
+    evals = {name: getattr(args, name) for name in ("protocols", "ks", "target", "metric", "test", "cold_share")
              if getattr(args, name, None) is not None}
     config.eval = dataclasses.replace(config.eval, **evals)
     if args.tracking_uri:
@@ -610,6 +615,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     setup = _setup(args, model_names=args.models)
     specs = _specs(setup.config, args.models)
     models = _build_models(setup, specs, _show_progress(args))
+    if "cold" in setup.config.eval.protocols:
+        return _compare_cold(setup, args, models)
     split = _load_split(args.split) if args.split else make_split(setup.config.data)
     tracker = _tracker(setup.config)
     outcome = run_compare(setup.config, split, models, tracker)
@@ -618,6 +625,41 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if setup.config.output_dir:
         _write_compare_outputs(outcome, Path(setup.config.output_dir))
         log.info("results written to %s", setup.config.output_dir)
+    _report_tracking(tracker)
+    return 0
+
+
+def _compare_cold(setup: _Setup, args: argparse.Namespace, models: Sequence[Recommender]) -> int:
+    """``acfrec compare --protocols cold``: see :mod:`acfrec.coldstart`."""
+    from acfrec.coldstart import run_cold_compare, write_cold_outputs
+    from acfrec.data.cold import cold_item_split
+    from acfrec.data.components import ComponentStore
+
+    config = setup.config
+    if args.split:
+        raise ConfigError("the cold protocol splits the interactions itself: pass --data (or a planted config), not --split")
+    data = config.data
+    catalogue = planted_catalogue_of(data)
+    cold = cold_item_split(_interactions(data, catalogue), cold_share=config.eval.cold_share, seed=data.seed,
+                           tie_rule=data.tie_rule, n_negatives=data.n_negatives, min_interactions=data.min_interactions)
+    log.info("cold-item split: %s", cold.summary())
+    if not data.components and catalogue is None:
+        raise ConfigError("the cold protocol ranks new items from their content: pass --components STORE "
+                          "(`acfrec encode` writes one) or set data.components")
+    tracker = _tracker(config)
+    with contextlib.ExitStack() as stack:
+        if data.components:
+            store = ComponentStore.open(data.components)
+        else:  # the planted catalogue's frames; kept with the outputs when there is an output folder
+            folder = config.output_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="acfrec-cold-"))
+            store = catalogue.write_store(Path(folder) / "components", dim=DEMO_COMPONENT_DIM)
+        outcome = run_cold_compare(config, cold, store, models, tracker, fit_and_evaluate)
+    print(outcome.text)
+    for reason in outcome.skipped:
+        print(f"not ranked on cold items: {reason}")
+    if config.output_dir:
+        write_cold_outputs(outcome, Path(config.output_dir))
+        log.info("results written to %s", config.output_dir)
     _report_tracking(tracker)
     return 0
 

@@ -28,7 +28,7 @@ from acfrec.errors import DataValidationError
 T = TypeVar("T")
 
 TieRule = Literal["file_order", "item_id", "random"]
-Protocol = Literal["full", "sampled"]
+Protocol = Literal["full", "sampled", "cold"]
 PACKAGED_CONFIGS = Path(__file__).parent / "configs"
 
 
@@ -42,6 +42,9 @@ class DataConfig:
 
     ``path`` (read with :func:`acfrec.data.io.read_interactions`) or ``planted`` (keyword
     arguments of :func:`acfrec.datasets.planted_interactions`, generated data) must be set.
+    ``components``: a ComponentStore folder of the items' content (``acfrec encode`` writes one),
+    used by the cold protocol and by ACF models without their own ``components_path``; the
+    planted image catalogue makes its own when it is unset.
     """
 
     path: str | None = None
@@ -59,6 +62,7 @@ class DataConfig:
     n_negatives: int = 99
     min_interactions: int = 3
     planted: dict[str, Any] | None = None
+    components: str | None = None
 
 
 @dataclass
@@ -75,7 +79,9 @@ class EvalConfig:
 
     ``metric``/``test`` choose the paired significance test against the best model (on the
     first protocol); ``table_metrics`` the metric columns printed (None: HR, NDCG at the
-    smallest k, and MRR).
+    smallest k, and MRR). Protocol ``cold`` (``acfrec compare`` only) holds out ``cold_share``
+    of the items entirely and ranks them from content (:mod:`acfrec.coldstart`); ``full`` or
+    ``sampled`` next to it measure the warm items.
     """
 
     protocols: list[Protocol] = field(default_factory=lambda: ["full", "sampled"])
@@ -84,6 +90,7 @@ class EvalConfig:
     metric: str = "NDCG@10"
     test: Literal["wilcoxon", "bootstrap"] = "wilcoxon"
     table_metrics: list[str] | None = None
+    cold_share: float = 0.2
 
 
 @dataclass

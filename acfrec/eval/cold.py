@@ -16,22 +16,27 @@ so a constant scorer gets Recall 0 whenever there are more candidates than ``k``
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import polars as pl
 import torch
 
 from acfrec.data.cold import ColdSplit
-from acfrec.errors import DataValidationError
+from acfrec.errors import ArtifactError, DataValidationError
 from acfrec.eval.compare import compare, format_table
 from acfrec.eval.metrics import metric_values
 from acfrec.eval.protocols import _as_numpy_scores, _chunks, _raise_on_nan, model_label
+from acfrec.utils import atomic_dir
 
 COLD_PROTOCOLS = ("cold", "all")
+FORMAT_VERSION = 1
 DEFAULT_COLD_KS = (10, 20, 50)
 _COLD_METRICS = ("Recall", "NDCG", "HR")
 
@@ -74,6 +79,53 @@ class ColdResult:
         """Long form: one row per (protocol, metric), columns ``model, protocol, metric, value``."""
         rows = [(self.model_name, p, m, v) for p, values in self.metrics.items() for m, v in values.items()]
         return pd.DataFrame(rows, columns=["model", "protocol", "metric", "value"])
+
+    def save(self, path: str | Path) -> Path:
+        """Write folder ``path`` atomically: ``positions.parquet`` (``user`` of every relevant item,
+        one position column per protocol), ``metrics.json`` and ``meta.json``."""
+        path = Path(path)
+        counts = np.diff(self.offsets)
+        with atomic_dir(path) as tmp:
+            frame = pl.DataFrame({"user": np.repeat(self.users.astype(np.int64), counts)})
+            frame = frame.with_columns([pl.Series(p, found.astype(np.int64)) for p, found in self.positions.items()])
+            frame.write_parquet(tmp / "positions.parquet")
+            (tmp / "metrics.json").write_text(json.dumps(self.metrics, indent=2))
+            meta = {
+                "format_version": FORMAT_VERSION, "model_name": self.model_name, "target": self.target,
+                "protocols": list(self.positions), "ks": list(self.ks), "seconds": self.seconds,
+                "users": self.users.astype(np.int64).tolist(), "counts": counts.astype(np.int64).tolist(),
+            }
+            (tmp / "meta.json").write_text(json.dumps(meta))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> ColdResult:
+        """Read a folder written by :meth:`save`; ArtifactError names what is missing or wrong."""
+        path = Path(path)
+        for name in ("meta.json", "metrics.json", "positions.parquet"):
+            if not (path / name).is_file():
+                raise ArtifactError(f"{path} is not a saved cold-start result: {name} is missing")
+        try:
+            meta = json.loads((path / "meta.json").read_text())
+            frame = pl.read_parquet(path / "positions.parquet")
+            missing = [c for c in ["user", *meta["protocols"]] if c not in frame.columns]
+            if missing:
+                raise ArtifactError(f"{path / 'positions.parquet'} lacks column(s) {missing}")
+            counts = np.asarray(meta["counts"], dtype=np.int64)
+            if int(counts.sum()) != frame.height:
+                raise ArtifactError(f"{path / 'positions.parquet'} has {frame.height} rows, meta.json says {int(counts.sum())}")
+            return cls(
+                model_name=meta["model_name"],
+                users=np.asarray(meta["users"], dtype=np.int64),
+                offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+                positions={p: frame[p].to_numpy().astype(np.int64) for p in meta["protocols"]},
+                metrics=json.loads((path / "metrics.json").read_text()),
+                seconds={k: float(v) for k, v in meta["seconds"].items()},
+                ks=tuple(meta["ks"]),
+                target=meta["target"],
+            )
+        except (KeyError, json.JSONDecodeError) as error:
+            raise ArtifactError(f"{path} holds a malformed cold-start result: {error!r}") from error
 
 
 def per_user_values(positions: np.ndarray, offsets: np.ndarray, metric: str) -> np.ndarray:

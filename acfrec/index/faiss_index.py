@@ -215,6 +215,52 @@ class ItemIndex:
         index.add(vectors)
         return cls(index, config, dim, items, fingerprint, max_sq_norm)
 
+    def add_items(self, item_vectors: np.ndarray, items: IdMap | None = None) -> np.ndarray:
+        """Index new items without rebuilding: rows ``n_items ..`` of ``item_vectors``.
+
+        Args:
+            item_vectors: ``(n_total, dim)``, the whole catalogue after the addition; its first
+                ``n_items`` rows must be the vectors this index was built from (checked by
+                fingerprint), the rest are added.
+            items: the id map of all ``n_total`` items (required when the index has one).
+        Returns:
+            ``(n_new,)`` int64 indices of the added items.
+
+        An IVF index assigns the new vectors to its existing lists (its centroids are not
+        retrained); the HNSW L2 transform pads a new vector longer than every vector it was
+        built with by 0, so that item's search is approximate (its rescored score stays exact):
+        rebuild when many such items accumulate.
+        """
+        vectors = _as_matrix(item_vectors, "item_vectors")
+        n_old = self.n_items
+        if vectors.shape[0] <= n_old or vectors.shape[1] != self.dim:
+            raise DataValidationError(
+                f"item_vectors must have shape (n_total > {n_old}, {self.dim}) (the catalogue after adding), "
+                f"got {vectors.shape}"
+            )
+        if fingerprint_arrays(np.ascontiguousarray(vectors[:n_old])) != self.vectors_fingerprint:
+            raise DataValidationError(
+                f"the first {n_old} rows of item_vectors differ from the vectors this index was built from"
+            )
+        if self.items is not None or items is not None:
+            if items is None or len(items) != vectors.shape[0]:
+                raise DataValidationError(
+                    f"items must be the id map of all {vectors.shape[0]} items, got "
+                    f"{'none' if items is None else len(items)}"
+                )
+        new = vectors[n_old:]
+        if self.config.metric == "cosine":
+            new = _normalise(new)
+        if self.config.kind == "hnsw" and self.config.hnsw_space != "ip":
+            extra = np.sqrt(np.maximum(self._max_sq_norm - np.einsum("nd,nd->n", new, new), 0.0))
+            new = np.ascontiguousarray(np.hstack([new, extra[:, None]]), dtype=np.float32)
+        self._cpu.add(np.ascontiguousarray(new, dtype=np.float32))
+        if self._gpu is not None:
+            self._gpu = faiss.index_cpu_to_gpu(self._gpu_resources, 0, self._cpu)
+        self.vectors_fingerprint = fingerprint_arrays(vectors)
+        self.items = items
+        return np.arange(n_old, self.n_items, dtype=np.int64)
+
     # ----------------------------------------------------------------- search
     def search(
         self,

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -39,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from acfrec.data.components import AlignedComponents, ComponentStore
-from acfrec.data.idmap import check_indices
+from acfrec.data.idmap import IdMap, check_indices
 from acfrec.errors import DataValidationError, NotFittedError
 from acfrec.models.base import (
     ModelConfig,
@@ -50,11 +51,14 @@ from acfrec.models.base import (
     get_model,
     register,
 )
+from acfrec.models.content_tower import ContentTower, ItemTables, dropped_items
 
 logger = logging.getLogger(__name__)
 
 # Users scored at once by _score_all: bounds the (entries, components, attention) temporaries.
 _SCORE_CHUNK = 256
+# Items run through the content tower at once when scoring or adding items.
+_TOWER_CHUNK = 4096
 
 
 @dataclass
@@ -105,6 +109,21 @@ class ACFConfig(TorchConfig):
         pretrain_epochs: the FISM stage's maximum epochs (None: ``epochs``); it stops early on
             validation with ACF's ``patience``.
         pretrain_lr: the FISM stage's learning rate (FISM's default batch size).
+        content_tower: learn a :class:`~acfrec.models.content_tower.ContentTower` that maps an
+            item's components to its ``(v_j, p_j, b_j)``, so items nobody has consumed can be
+            added (:meth:`ACF.add_items`) and scored. Needs components. An extension of the paper.
+        tower_hidden: width of the tower's component embedding and hidden layer.
+        tower_pooling: ``"mean"`` or ``"attention"`` (learned, user-independent) over an item's
+            embedded components.
+        tower_dropout: DropoutNet's rate: in each training step every item's learned vectors are
+            replaced by the tower's output with this probability (one draw per item and step).
+        tower_blend: when scoring warm items, ``(1 - blend) * learned + blend * tower`` (0: the
+            learned vectors; added items always use the tower's).
+        tower_weight_decay: L2 coefficient on the tower's weight matrices.
+
+    With a content tower, early stopping watches the mean of two validation NDCGs: learned item
+    vectors, and every item scored from content alone (target ``v_j``, ``b_j`` from the tower, as
+    a cold item is). The best warm epoch alone comes before the tower has learned anything.
 
     Measured on the planted image catalogue (500 users x 300 items, half of the clicks
     uniform browsing, full-ranking HR@10 / NDCG@10, one seed, lr 0.005, init 0.03, no L2):
@@ -149,6 +168,12 @@ class ACFConfig(TorchConfig):
     pretrain: str | None = "fism"
     pretrain_epochs: int | None = None
     pretrain_lr: float = 0.005
+    content_tower: bool = False
+    tower_hidden: int = 128
+    tower_pooling: str = "mean"
+    tower_dropout: float = 0.5
+    tower_blend: float = 0.0
+    tower_weight_decay: float = 0.0
 
 
 @dataclass
@@ -314,6 +339,14 @@ class _ACFNetwork(nn.Module):
         # Identity when off: a zero-rate dropout would still cost a pass over the hidden units.
         self.dropout = nn.Dropout(config.attention_dropout) if config.attention_dropout > 0 else nn.Identity()
         self.has_content = features is not None
+        self.tower: ContentTower | None = None
+        # True while validating the tower: target items scored from content alone
+        self.content_only = False
+        if config.content_tower:
+            if features is None:
+                raise DataValidationError("content_tower=True needs components (components_path or components=)")
+            self.tower = ContentTower(features.shape[2], dim, config.tower_hidden, config.tower_pooling)
+            self.tower.standardise(features, feature_mask)
         if self.has_content:
             assert feature_mask is not None
             self.register_buffer("features", features)
@@ -335,11 +368,62 @@ class _ACFNetwork(nn.Module):
             return vectors
         return vectors * torch.rsqrt(vectors.pow(2).mean(dim=-1, keepdim=True) + 1e-12)
 
-    def item_bias(self, items: torch.Tensor) -> torch.Tensor:
-        """``b_j`` shaped like ``items`` (zeros without item bias)."""
-        if self.bias is None:
-            return torch.zeros(items.shape, dtype=self.target_item.weight.dtype, device=items.device)
-        return self.bias[items]
+    # ---------------------------------------------------------- item vectors
+    def tables(self, training: bool = False) -> ItemTables:
+        """The item vectors ``(p, v, b)`` of one forward pass.
+
+        Without a content tower: the learned tables. With one, while training, each item's learned
+        vectors are replaced by the tower's output with probability ``tower_dropout`` (DropoutNet);
+        when scoring, ``(1 - tower_blend) * learned + tower_blend * tower``, or with
+        ``content_only`` the tower's ``v`` and ``b`` for every item.
+        """
+        learned = ItemTables(self.history_item.weight, self.target_item.weight, self.bias)
+        if self.tower is None:
+            return learned
+        if training:
+            items = dropped_items(learned.target.shape[0], self.config.tower_dropout, learned.target.device)
+            if items.numel() == 0:
+                return learned
+            target, history, bias = self.tower(self.features[items], self.feature_mask[items])
+            return ItemTables(
+                learned.history.index_copy(0, items, history),
+                learned.target.index_copy(0, items, target),
+                None if learned.bias is None else learned.bias.index_copy(0, items, bias),
+            )
+        blend = 1.0 if self.content_only else self.config.tower_blend
+        if blend <= 0:
+            return learned
+        target, history, bias = self.content_vectors(self.features, self.feature_mask)
+        if self.content_only:  # every item as if nobody had consumed it; histories stay learned
+            return ItemTables(learned.history, target, None if learned.bias is None else bias)
+        return ItemTables(
+            torch.lerp(learned.history, history, blend),
+            torch.lerp(learned.target, target, blend),
+            None if learned.bias is None else torch.lerp(learned.bias, bias, blend),
+        )
+
+    def content_vectors(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The tower's ``(v, p, b)`` ``(n, dim), (n, dim), (n,)`` of items with components
+        ``(n, M, D)`` and mask ``(n, M)``, in chunks (bounds the temporaries of a big catalogue)."""
+        assert self.tower is not None
+        parts = [
+            self.tower(features[start : start + _TOWER_CHUNK], mask[start : start + _TOWER_CHUNK])
+            for start in range(0, features.shape[0], _TOWER_CHUNK)
+        ]
+        return tuple(torch.cat(column) for column in zip(*parts, strict=True))  # type: ignore[return-value]
+
+    def append_items(
+        self, history: torch.Tensor, target: torch.Tensor, bias: torch.Tensor, features: torch.Tensor, mask: torch.Tensor
+    ) -> None:
+        """Grow the item tables by ``n`` rows: ``p`` / ``v`` ``(n, dim)``, ``b`` ``(n,)``, components
+        ``(n, M, D)`` and mask ``(n, M)`` (the width of the trained components)."""
+        for table, rows in ((self.history_item, history), (self.target_item, target)):
+            table.weight = nn.Parameter(torch.cat([table.weight.detach(), rows.to(table.weight.dtype)]))
+            table.num_embeddings = table.weight.shape[0]
+        if self.bias is not None:
+            self.bias = nn.Parameter(torch.cat([self.bias.detach(), bias.to(self.bias.dtype)]))
+        self.features = torch.cat([self.features, features.to(self.features.dtype)])
+        self.feature_mask = torch.cat([self.feature_mask, mask])
 
     # ---------------------------------------------------------- components
     def component_terms(self, user: torch.Tensor, flat: _Flat) -> tuple[torch.Tensor, torch.Tensor]:
@@ -369,16 +453,18 @@ class _ACFNetwork(nn.Module):
 
     # --------------------------------------------------------------- items
     def _entries(
-        self, user: torch.Tensor, history: torch.Tensor, mask: torch.Tensor, with_content: bool
+        self, user: torch.Tensor, history: torch.Tensor, mask: torch.Tensor, with_content: bool, tables: ItemTables
     ) -> tuple[_Flat, torch.Tensor, torch.Tensor | None]:
         """The flat history, item logits ``a(i, l)`` ``(F,)`` and beta of rows with user vectors
         ``user`` ``(n, dim)`` and histories ``history`` / ``mask`` ``(n, H)``."""
-        flat = _Flat.of(history, mask, self.history_item.num_embeddings)
+        flat = _Flat.of(history, mask, tables.history.shape[0])
         content, beta = self.component_terms(user, flat) if with_content else (None, None)
         if not self.config.item_attention:
             return flat, user.new_zeros(flat.rows.shape), beta
         items = flat.items
-        keys = self.att_target(self.scaled(self.target_item(items))) + self.att_history(self.scaled(self.history_item(items)))
+        keys = self.att_target(self.scaled(tables.target.index_select(0, items))) + self.att_history(
+            self.scaled(tables.history.index_select(0, items))
+        )
         hidden = flat.per_entry(keys) + flat.per_row(self.att_user(self.scaled(user)))
         if content is not None:
             hidden = hidden + content
@@ -388,27 +474,30 @@ class _ACFNetwork(nn.Module):
     def attend(self, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Item logits ``(n, history)`` (``-inf`` on padding), user vectors ``(n, dim)`` and beta
         ``(n, history, max_components)`` (zero on padding and for items without content; None
-        without content)."""
+        without content), as scored (not training)."""
         user, mask = self.user(users), self.history_mask[users]
-        flat, entries, beta = self._entries(user, self.history[users], mask, with_content=self.has_content)
+        flat, entries, beta = self._entries(user, self.history[users], mask, self.has_content, self.tables())
         logits = flat.to_grid(entries, mask.shape, fill=-torch.inf)
         return logits, user, None if beta is None else flat.to_grid(beta, mask.shape, fill=0.0)
 
-    def pool(self, users: torch.Tensor) -> _Pooled:
-        """Attention sums of known users ``(n,)``, computed once per user."""
-        return self.pool_rows(self.user(users), self.history[users], self.history_mask[users])
+    def pool(self, users: torch.Tensor, tables: ItemTables | None = None) -> _Pooled:
+        """Attention sums of known users ``(n,)``, computed once per user (``tables``: the
+        scoring tables when None)."""
+        tables = self.tables() if tables is None else tables
+        return self.pool_rows(self.user(users), self.history[users], self.history_mask[users], tables)
 
-    def pool_rows(self, user: torch.Tensor, history: torch.Tensor, mask: torch.Tensor) -> _Pooled:
+    def pool_rows(self, user: torch.Tensor, history: torch.Tensor, mask: torch.Tensor, tables: ItemTables) -> _Pooled:
         """Attention sums of rows with user vectors ``(n, dim)`` and histories / masks ``(n, H)``."""
         # Without item attention the components cannot change a score: skip them.
-        flat, entries, _ = self._entries(user, history, mask, self.has_content and self.config.item_attention)
+        with_content = self.has_content and self.config.item_attention
+        flat, entries, _ = self._entries(user, history, mask, with_content, tables)
         logits = flat.to_grid(entries, mask.shape, fill=-torch.inf)
         count = mask.sum(dim=1)
         top = logits.argmax(dim=1)
         shift = torch.where(count > 0, logits.max(dim=1).values, torch.zeros_like(user[:, 0]))
         weights = torch.exp(logits - shift[:, None]).masked_fill(~mask, 0.0)
         rest = weights.scatter(1, top[:, None], 0.0)
-        table = self.history_item.weight
+        table = tables.history
         bags = torch.cumsum(count, 0) - count  # flat entries are row-major: one bag per user
         flat_items = history[flat.rows, flat.cols]
         numerator_rest = F.embedding_bag(
@@ -422,12 +511,16 @@ class _ACFNetwork(nn.Module):
             numerator_rest, rest.sum(dim=1), count, square_norm / count.clamp_min(1),
         )
 
-    def user_vectors(self, pooled: _Pooled, exclude: torch.Tensor | None = None) -> torch.Tensor:
+    def user_vectors(
+        self, pooled: _Pooled, exclude: torch.Tensor | None = None, tables: ItemTables | None = None
+    ) -> torch.Tensor:
         """``u_i + sum alpha p_l`` ``(n, dim)``; ``exclude`` ``(n,)`` removes that item from the history.
 
         Without ``exclude`` (or when the item is not in the history) the top item is added back
-        to the "rest" sums; with it, its exp-weighted term is subtracted from them.
+        to the "rest" sums; with it, its exp-weighted term is subtracted from them. ``tables``
+        must be those ``pooled`` was built with (the scoring tables when None).
         """
+        tables = self.tables() if tables is None else tables
         numerator = pooled.numerator_rest + pooled.top_vector
         denominator = pooled.denominator_rest + 1.0
         count = pooled.count
@@ -436,21 +529,26 @@ class _ACFNetwork(nn.Module):
             found = match.any(dim=1)
             is_top = found & (pooled.top_item == exclude)
             removed = (pooled.weights * match).sum(dim=1)
-            sub_numerator = numerator - removed[:, None] * self.history_item(exclude)
+            sub_numerator = numerator - removed[:, None] * tables.history.index_select(0, exclude)
             numerator = torch.where(is_top[:, None], pooled.numerator_rest, sub_numerator)
             denominator = torch.where(is_top, pooled.denominator_rest, denominator - removed)
             count = count - found.long()
         return pooled.user + self._history_term(numerator, denominator, count, pooled.shift)
 
-    def score_rows(self, user: torch.Tensor, history: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Scores ``(n, n_items)`` of rows with user vectors ``(n, dim)`` and histories / masks ``(n, H)``,
-        in chunks of users (bounds the attention temporaries)."""
-        bias = self.item_bias(torch.arange(self.target_item.num_embeddings, device=user.device))
+    def query_rows(self, user: torch.Tensor, history: torch.Tensor, mask: torch.Tensor, tables: ItemTables) -> torch.Tensor:
+        """Attended user vectors ``(n, dim)`` of rows with user vectors ``(n, dim)`` and histories /
+        masks ``(n, H)``, in chunks of users (bounds the attention temporaries)."""
         chunks = [
-            self.user_vectors(self.pool_rows(user[part], history[part], mask[part])) @ self.target_item.weight.T + bias
+            self.user_vectors(self.pool_rows(user[part], history[part], mask[part], tables), tables=tables)
             for part in (slice(start, start + _SCORE_CHUNK) for start in range(0, user.shape[0], _SCORE_CHUNK))
         ]
-        return torch.cat(chunks) if chunks else bias.new_zeros((0, bias.numel()))
+        return torch.cat(chunks) if chunks else user.new_zeros((0, user.shape[1]))
+
+    def score_rows(self, user: torch.Tensor, history: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Scores ``(n, n_items)``: :meth:`query_rows` against every ``v_j``, plus ``b_j``."""
+        tables = self.tables()
+        bias = tables.item_bias(torch.arange(tables.target.shape[0], device=user.device))
+        return torch.addmm(bias.expand(user.shape[0], -1), self.query_rows(user, history, mask, tables), tables.target.T)
 
     def _history_term(
         self, numerator: torch.Tensor, denominator: torch.Tensor, count: torch.Tensor, shift: torch.Tensor
@@ -489,8 +587,30 @@ class ACF(TorchRecommender):
         self._components = components
         return self
 
+    def _validator(self) -> Callable[[TorchRecommender, TrainData], float] | None:
+        """With a content tower: the mean of the validation NDCG with learned item vectors and with
+        every item scored from its content (as a cold item is), so the kept checkpoint is good at
+        both; the best warm epoch alone often comes before the tower has learned anything."""
+        if not self.config.content_tower:
+            return None
+        from acfrec.train.trainer import default_validator
+
+        def warm_and_content(model: TorchRecommender, data: TrainData) -> float:
+            net = self._net()
+            warm = default_validator(model, data)
+            net.content_only = True
+            try:
+                content = default_validator(model, data)
+            finally:
+                net.content_only = False
+            logger.debug("ACF validation NDCG: learned items %.4f, content only %.4f", warm, content)
+            return (warm + content) / 2
+
+        return warm_and_content
+
     # ------------------------------------------------------------- building
     def _build(self, data: TrainData) -> _ACFNetwork:
+        _check_tower_options(self.config)
         n_users, n_items = data.train.shape
         history, mask = build_history(data, self.config.max_history, self.config.seed)
         content = self._resolve_components(data, n_items) if self.config.use_content else None
@@ -573,13 +693,15 @@ class ACF(TorchRecommender):
         positive and (averaged) of the negatives.
         """
         net = self._net()
+        tables = net.tables(training=True)
         distinct, row_user = torch.unique(users, return_inverse=True)
-        pooled = net.pool(distinct)
+        pooled = net.pool(distinct, tables)
         rows = _select(pooled, row_user)
-        positive_vectors = net.user_vectors(rows, exclude=positives)
-        full_vectors = net.user_vectors(pooled).index_select(0, row_user)
-        q_pos, q_neg = net.target_item(positives), net.target_item(negatives)
-        b_pos, b_neg = net.item_bias(positives), net.item_bias(negatives)
+        positive_vectors = net.user_vectors(rows, exclude=positives, tables=tables)
+        full_vectors = net.user_vectors(pooled, tables=tables).index_select(0, row_user)
+        q_pos = tables.target.index_select(0, positives)
+        q_neg = tables.target.index_select(0, negatives.reshape(-1)).reshape(*negatives.shape, -1)
+        b_pos, b_neg = tables.item_bias(positives), tables.item_bias(negatives)
         positive = (positive_vectors * q_pos).sum(dim=-1) + b_pos
         negative = torch.einsum("bd,bkd->bk", full_vectors, q_neg) + b_neg
         loss = F.softplus(negative - positive[:, None]).mean()
@@ -593,6 +715,11 @@ class ACF(TorchRecommender):
                 + b_neg.pow(2).mean(dim=-1)
             )
             loss = loss + self.config.weight_decay * norm.mean()
+        if net.tower is not None and self.config.tower_weight_decay > 0:
+            # The tower sees each warm item many times: without it, it memorises the warm items'
+            # learned vectors instead of learning what their content says (cold quality falls).
+            weights = sum(p.pow(2).sum() for name, p in net.tower.named_parameters() if name.endswith("weight"))
+            loss = loss + self.config.tower_weight_decay * weights
         return loss
 
     # --------------------------------------------------------------- scoring
@@ -624,8 +751,122 @@ class ACF(TorchRecommender):
             net.train(was_training)
 
     def item_factors(self) -> np.ndarray:
-        """``(n_items, dim)`` target-item vectors ``v_j``."""
-        return self._net().target_item.weight.detach().cpu().numpy().copy()
+        """``(n_items, dim)`` target-item vectors ``v_j`` as scored (blended with the tower's when
+        ``tower_blend > 0``)."""
+        with torch.no_grad():
+            return self._net().tables().target.float().cpu().numpy().copy()
+
+    def user_vectors(self, users: np.ndarray | list[int]) -> np.ndarray:
+        """``(batch,)`` -> ``(batch, dim + 1)`` queries ``[u_i + sum alpha p_l, 1]``.
+
+        Attention depends on the user and the history, never on the target item, so ACF's score is
+        an inner product: ``score_all(users) == user_vectors(users) @ item_vectors().T`` and a
+        FAISS inner-product index serves it exactly.
+        """
+        self._require_fitted()
+        users = np.asarray(users, dtype=np.int64).reshape(-1)
+        check_indices(users, self.n_users, "user")
+        net = self._net()
+        was_training = net.training
+        net.eval()
+        try:
+            with torch.no_grad():
+                users_t = torch.as_tensor(users, device=self.device)
+                queries = net.query_rows(net.user(users_t), net.history[users_t], net.history_mask[users_t], net.tables())
+        finally:
+            net.train(was_training)
+        return np.hstack([queries.float().cpu().numpy(), np.ones((users.size, 1), dtype=np.float32)])
+
+    def item_vectors(self) -> np.ndarray:
+        """``(n_items, dim + 1)`` item vectors ``[v_j, b_j]`` (``b_j = 0`` without item bias)."""
+        with torch.no_grad():
+            tables = self._net().tables()
+            bias = tables.item_bias(torch.arange(tables.target.shape[0], device=tables.target.device))
+            return torch.cat([tables.target, bias[:, None]], dim=1).float().cpu().numpy()
+
+    # ------------------------------------------------------------ new items
+    def add_items(
+        self, components: ComponentStore | AlignedComponents, item_ids: Sequence[object] | None = None
+    ) -> np.ndarray:
+        """Add items nobody has consumed yet, scored from their content, without retraining.
+
+        The content tower turns each new item's components into ``(v_j, p_j, b_j)``, which are
+        appended to the item tables (the items then score, recommend and, in new users'
+        histories, attend like any other) and to the model's item id map and ``seen`` matrix.
+
+        Args:
+            components: a :class:`ComponentStore` (by default every store item the model does not
+                know yet, in store order) or :class:`AlignedComponents` ``(n_new, M, D)`` of the
+                new items in order.
+            item_ids: the new items' external ids: which store items to add, or the names of the
+                aligned rows (required then when the model has an item id map).
+        Returns:
+            ``(n_new,)`` int64 dense indices of the added items (``n_items`` before, onwards).
+        """
+        net = self._net()
+        self._require_fitted()
+        if net.tower is None:
+            raise DataValidationError(
+                "add_items needs a content tower: train ACF with content_tower=True (and components)"
+            )
+        new_ids, aligned = self._new_item_content(components, item_ids)
+        features, mask = _fit_width(aligned, net.features.shape[1])
+        was_training = net.training
+        net.eval()
+        try:
+            with torch.no_grad():
+                target, history, bias = net.content_vectors(features.to(self.device), mask.to(self.device))
+        finally:
+            net.train(was_training)
+        start = self.n_items
+        net.append_items(history, target, bias, features.to(self.device), mask.to(self.device))
+        self.seen = sp.hstack([self.seen, sp.csr_matrix((self.n_users, aligned.n_items), dtype=self.seen.dtype)]).tocsr()
+        if self.items is not None:
+            self.items = IdMap([*self.items.external_ids.tolist(), *new_ids], kind="item")
+        return np.arange(start, self.n_items, dtype=np.int64)
+
+    def _new_item_content(
+        self, components: ComponentStore | AlignedComponents, item_ids: Sequence[object] | None
+    ) -> tuple[list[str], AlignedComponents]:
+        """The new items' external ids (empty without an id map) and their aligned components."""
+        known = self.items
+        ids = None if item_ids is None else [str(x) for x in item_ids]
+        if isinstance(components, ComponentStore):
+            if known is None:
+                raise DataValidationError(
+                    "add_items from a ComponentStore needs a model fitted on a Split (an item id map); "
+                    "pass AlignedComponents instead"
+                )
+            if ids is None:
+                ids = [x for x in components.items.external_ids.tolist() if x not in known]
+            missing = [x for x in ids if x not in components.items]
+            if missing:
+                raise DataValidationError(
+                    f"component store {components.path} has no item {missing[0]!r} ({len(missing)} of the ids asked for)"
+                )
+            aligned = components.align(IdMap(ids, kind="item"), self.config.max_components)
+        elif isinstance(components, AlignedComponents):
+            aligned = components
+            if known is not None and (ids is None or len(ids) != aligned.n_items):
+                raise DataValidationError(
+                    f"add_items with AlignedComponents of {aligned.n_items} items needs item_ids of the same "
+                    f"length (got {'none' if ids is None else len(ids)})"
+                )
+        else:
+            raise TypeError(f"components must be a ComponentStore or AlignedComponents, got {type(components).__name__}")
+        if aligned.n_items == 0:
+            raise DataValidationError("add_items: no new items (every store item is already in the model)")
+        if known is not None:
+            clash = next((x for x in ids if x in known), None)
+            if clash is not None:
+                raise DataValidationError(f"item id {clash!r} is already in the model; add_items adds new items only")
+            IdMap(ids, kind="item")  # duplicate ids among the new ones raise here, naming the id
+        features_dim = self._net().features.shape[2]
+        if aligned.dim != features_dim:
+            raise DataValidationError(
+                f"new items' components have dimension {aligned.dim} but the model was trained on {features_dim}"
+            )
+        return ids or [], aligned
 
     # ------------------------------------------------------------ inspection
     def attention(self, users: np.ndarray | list[int]) -> dict[str, np.ndarray]:
@@ -673,9 +914,10 @@ class ACF(TorchRecommender):
         net = self._net()
         history, alpha = found["history"][0], found["alpha"][0]
         with torch.no_grad():
-            target = net.target_item.weight[item]
+            tables = net.tables()
+            target = tables.target[item]
             user_term = float(net.user.weight[user] @ target)
-            dots = (net.history_item(torch.as_tensor(np.maximum(history, 0))) @ target).cpu().numpy()
+            dots = (tables.history[torch.as_tensor(np.maximum(history, 0), device=self.device)] @ target).cpu().numpy()
         order = np.argsort(-alpha[history >= 0], kind="stable")[:top_items]
         entries = []
         for position in order.tolist():  # a handful of entries for a person to read
@@ -710,6 +952,26 @@ def _copy_fism(network: _ACFNetwork, fism: Recommender) -> None:
         if network.bias is not None and source.item_bias is not None:
             network.bias.copy_(source.item_bias.weight.squeeze(-1))
         network.user.weight.zero_()
+
+
+def _check_tower_options(config: ACFConfig) -> None:
+    for name in ("tower_dropout", "tower_blend"):
+        if not 0.0 <= getattr(config, name) <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {getattr(config, name)}")
+    if config.tower_hidden < 1 or config.tower_weight_decay < 0:
+        raise ValueError(
+            f"tower_hidden must be >= 1 and tower_weight_decay >= 0, got {config.tower_hidden} and {config.tower_weight_decay}"
+        )
+
+
+def _fit_width(aligned: AlignedComponents, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Components ``(n, M, D)`` and mask ``(n, M)`` truncated or zero-padded to ``width`` slots."""
+    features, mask = aligned.features[:, :width], aligned.mask[:, :width]
+    pad = width - features.shape[1]
+    if pad > 0:
+        features = F.pad(features, (0, 0, 0, pad))
+        mask = F.pad(mask, (0, pad), value=False)
+    return features, mask
 
 
 def _select(pooled: _Pooled, rows: torch.Tensor) -> _Pooled:

@@ -465,9 +465,14 @@ class TorchRecommender(Recommender):
         if self.config.num_threads > 0:
             torch.set_num_threads(self.config.num_threads)
         try:
-            self.history = Trainer(self.config, callbacks=self.callbacks).fit(self, data)
+            self.history = Trainer(self.config, callbacks=self.callbacks, validator=self._validator()).fit(self, data)
         finally:
             torch.set_num_threads(threads)
+
+    def _validator(self) -> Callable[[TorchRecommender, TrainData], float] | None:
+        """The early-stopping score ``validator(model, data)`` (higher is better); None: the
+        Trainer's default, validation NDCG@``eval_k``."""
+        return None
 
     @abstractmethod
     def _build(self, data: TrainData) -> torch.nn.Module: ...
