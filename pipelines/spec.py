@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 from acfrec.config import ConfigError, TrackingConfig, apply_overrides, build_config, load_yaml
 
-STEP_TYPES = ("prepare", "encode", "train", "evaluate", "topn")
+STEP_TYPES = ("prepare", "encode", "train", "add_items", "evaluate", "topn")
 Backend = Literal["local", "ray"]
 
 

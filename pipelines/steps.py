@@ -1,4 +1,4 @@
-"""The step types of a pipeline: prepare, encode, train, evaluate, topn.
+"""The step types of a pipeline: prepare, encode, train, add_items, evaluate, topn.
 
 Each step class checks its options (a dataclass filled by :func:`acfrec.config.build_config`, so
 an unknown key fails with the closest known one), declares its inputs (paths whose content
@@ -347,6 +347,51 @@ def model_dirs(path: Path) -> list[Path]:
     return found
 
 
+# ============================================================================ add_items
+@dataclass
+class AddItemsOptions:
+    model: str
+    components: str
+    items: list[str] | None = None
+
+
+class AddItemsStep(Step):
+    """A trained model plus new items from a component store -> ``<output>`` (a model folder).
+
+    The model computes the new items' vectors from their content (ACF with ``content_tower``,
+    :meth:`acfrec.models.acf.ACF.add_items`); by default every store item it does not know yet is
+    added, or only ``items``. A topn step on this output then recommends them.
+    """
+
+    type = "add_items"
+    options_class = AddItemsOptions
+
+    def resolve(self) -> None:
+        self.ref("model", self.options.model)
+        self.ref("components", self.options.components)
+
+    def run(self, ctx: Context) -> None:
+        from acfrec.cli import TRAINING_RECORD
+        from acfrec.data.components import ComponentStore
+        from acfrec.models.base import Recommender
+
+        model_dir = self.inputs["model"]
+        if not (model_dir / "meta.json").is_file():
+            raise PipelineError(f"{self.where}.model: {model_dir} is not a saved model (no meta.json)")
+        model = Recommender.load(model_dir)
+        if not hasattr(model, "add_items"):
+            raise PipelineError(f"{self.where}.model: {model.name} cannot add items from content (train ACF with content_tower: true)")
+        before = model.n_items
+        model.add_items(ComponentStore.open(self.inputs["components"]), self.options.items)
+        model.save(self.output)
+        if (model_dir / TRAINING_RECORD).is_file():  # same users and split: topn checks it
+            shutil.copy2(model_dir / TRAINING_RECORD, self.output / TRAINING_RECORD)
+        with ctx.tracker.run(f"add_items {self.name}", tags=ctx.tags(self)) as run:
+            run.log_params({"model_dir": str(model_dir), "components": str(self.inputs["components"])})
+            run.log_metrics({"items_added": model.n_items - before, "n_items": model.n_items})
+        log.info("  %d items added (%d now): %s", model.n_items - before, model.n_items, self.output)
+
+
 # ============================================================================ topn
 @dataclass
 class TopnOptions:
@@ -406,5 +451,5 @@ class TopnStep(Step):
 
 
 STEP_CLASSES: dict[str, Callable[..., Step]] = {
-    cls.type: cls for cls in (PrepareStep, EncodeStep, TrainStep, EvaluateStep, TopnStep)
+    cls.type: cls for cls in (PrepareStep, EncodeStep, TrainStep, AddItemsStep, EvaluateStep, TopnStep)
 }

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     import polars as pl
     import scipy.sparse as sp
 
+    from acfrec.data.idmap import IdMap
     from acfrec.data.split import Split
     from acfrec.models.base import Recommender
 
@@ -164,7 +165,7 @@ def write_parts(
     for part in tqdm(todo, desc="top-N parts", unit="part", disable=not progress):
         ranker = ranker or _Ranker(model, split, settings)
         users = np.arange(*ranges[part], dtype=np.int64)
-        _write_part(out, part, key, ranges[part], _part_frame(split, users, *ranker.top(users)))
+        _write_part(out, part, key, ranges[part], _part_frame(split, ranker.items, users, *ranker.top(users)))
         if on_part is not None:
             on_part(part)
     return todo
@@ -251,8 +252,20 @@ class _Ranker:
     """Top-k unseen items of a chunk of users, by the model's recommend or by a FAISS index."""
 
     def __init__(self, model: Recommender, split: Split, settings: TopnSettings) -> None:
-        self.model, self.k = model, min(settings.k, split.n_items)
-        self.excluded = excluded_items(split, settings.exclude)
+        from acfrec.data.cold import widen
+
+        # A model may know more items than the split: items added from content after training.
+        self.model, self.k = model, min(settings.k, model.n_items)
+        self.excluded = widen(excluded_items(split, settings.exclude), model.n_items)
+        self.items = split.items
+        if model.n_items > split.n_items:
+            self.items = model.items
+            known = None if model.items is None else model.items.external_ids[: split.n_items]
+            if known is None or list(known) != list(split.items.external_ids):
+                raise DataValidationError(
+                    f"the model knows {model.n_items} items but its first {split.n_items} are not the split's items: "
+                    "top-N needs the model trained on this split (with items added after it)"
+                )
         self.index = None
         if retrieval_kind(model, settings) == "index":
             from acfrec.index import IndexConfig, ItemIndex, model_vectors
@@ -283,7 +296,7 @@ def excluded_items(split: Split, exclude: str) -> sp.csr_matrix:
     return (split.seen("test") + test).tocsr()
 
 
-def _part_frame(split: Split, users: np.ndarray, items: np.ndarray, scores: np.ndarray) -> pl.DataFrame:
+def _part_frame(split: Split, item_ids: IdMap, users: np.ndarray, items: np.ndarray, scores: np.ndarray) -> pl.DataFrame:
     """Rows ``user, rank, item, score`` (external ids, rank 0 = top) of ``(n, k)`` results."""
     import polars as pl
 
@@ -293,7 +306,7 @@ def _part_frame(split: Split, users: np.ndarray, items: np.ndarray, scores: np.n
         {
             "user": split.users.to_external(np.broadcast_to(users[:, None], items.shape)[keep]).tolist(),
             "rank": ranks[keep],
-            "item": split.items.to_external(items[keep]).tolist(),
+            "item": item_ids.to_external(items[keep]).tolist(),
             "score": np.asarray(scores, dtype=np.float32)[keep],
         },
         schema={"user": pl.String, "rank": pl.Int64, "item": pl.String, "score": pl.Float32},

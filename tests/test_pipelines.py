@@ -304,3 +304,22 @@ def test_encode_on_ray_equals_local(tmp_path: Path, catalogue_files: tuple[Path,
     np.testing.assert_array_equal(local.counts(), ray_store.counts())
     np.testing.assert_array_equal(np.asarray(local.matrix), np.asarray(ray_store.matrix))
     assert local.meta["heldout"] == ray_store.meta["heldout"]
+
+
+def test_add_items_step_then_topn_recommends_the_new_items(tmp_path: Path, catalogue_files: tuple[Path, Path]):
+    """Items with content but no interaction yet: added to the trained ACF, then in the top-N lists."""
+    pytest.importorskip("acfrec.encode")
+    content, interactions = catalogue_files
+    new_items = {f"i{k}" for k in range(32, 40)}
+    warm_only = tmp_path / "warm.csv"
+    pl.read_csv(interactions).filter(~pl.col("item_id").is_in(sorted(new_items))).write_csv(warm_only)
+    pipeline = content_pipeline(tmp_path / "run", content, warm_only)
+    pipeline["steps"]["train"]["models"][0]["params"].update(content_tower=True, epochs=2)
+    pipeline["steps"]["add_items"] = {"model": "train/acf", "components": "encode"}
+    pipeline["steps"]["topn"] = {"model": "add_items", "k": 40, "chunk_users": 20}
+    path = write_yaml(tmp_path / "cold.yaml", pipeline)
+    assert statuses(run_pipeline(path))["add_items"] == "run"
+    lists = read_topn(tmp_path / "run" / "topn")
+    assert new_items <= set(lists["item"].to_list())  # every new item is rankable and ranked
+    assert lists.group_by("user").agg(pl.col("item").n_unique() == pl.len()).to_series(1).all()
+    assert statuses(run_pipeline(path))["add_items"] == "skip"
