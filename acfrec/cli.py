@@ -617,6 +617,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     models = _build_models(setup, specs, _show_progress(args))
     if "cold" in setup.config.eval.protocols:
         return _compare_cold(setup, args, models)
+    if setup.config.data.components:
+        _default_components(models, setup.config.data.components)
     split = _load_split(args.split) if args.split else make_split(setup.config.data)
     tracker = _tracker(setup.config)
     outcome = run_compare(setup.config, split, models, tracker)
@@ -627,6 +629,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
         log.info("results written to %s", setup.config.output_dir)
     _report_tracking(tracker)
     return 0
+
+
+def _default_components(models: Sequence[Recommender], store: str) -> None:
+    """``data.components`` for every model that takes a store and was given none of its own."""
+    for model in models:
+        if hasattr(model.config, "components_path") and model.config.components_path is None:
+            model.config.components_path = store
 
 
 def _compare_cold(setup: _Setup, args: argparse.Namespace, models: Sequence[Recommender]) -> int:

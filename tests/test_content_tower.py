@@ -266,3 +266,22 @@ def test_compare_cold_needs_content_and_interactions(tmp_path: Path, capsys: pyt
     assert "pass --components STORE" in capsys.readouterr().err
     assert main([*command, "--split", str(tmp_path)]) == 2
     assert "not --split" in capsys.readouterr().err
+
+
+def test_compare_gives_data_components_to_acf(tmp_path: Path) -> None:
+    import mlflow
+
+    from acfrec.cli import main
+
+    store = planted_catalogue(n_users=150, n_items=100, seed=0).write_store(tmp_path / "store", dim=8)
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    code = main([
+        "-q", "--tracking-uri", uri, "compare", "--config", "demo", "--models", "acf", "--protocols", "full",
+        "--ks", "10", "--n-negatives", "20", "--components", str(store.path), "--set", "data.planted.n_users=150", "data.planted.n_items=100",
+        "acf.epochs=1", "acf.pretrain=null",
+    ])
+    assert code == 0
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("acfrec-demo").experiment_id])
+    acf_run = next(run for run in runs if run.info.run_name == "acf")
+    assert acf_run.data.params["model.components_path"] == str(store.path)
