@@ -187,6 +187,9 @@ def test_service_inserts_new_items_into_the_faiss_index(
         assert top["item"].tolist() == model.items.external_ids[expected].reshape(-1).tolist()
     scores = service.score("u0", added[:3])
     np.testing.assert_allclose(scores["score"], model.score([0], cold.cold_items[:3])[0], rtol=1e-5)
+    # a new user whose history holds only new items still gets attention over them
+    fresh = service.recommend_for_history(added[:4], k=5)
+    assert len(fresh) == 5 and not set(fresh["item"]) & set(added[:4])
 
 
 def test_service_refuses_models_without_a_tower(cold: ColdSplit, store: ComponentStore) -> None:
