@@ -158,8 +158,9 @@ class ACFConfig(TorchConfig):
     0.121 (ratio 2.61); component attention off 0.150 / 0.086; item attention off 0.186 / 0.112
     (2.42); content off 0.162 / 0.093; SVD++ 0.190 / 0.111, BPR-MF 0.162 / 0.096, FISM 0.126 /
     0.074. Not seed-robust: at seed 1, validation peaks in ACF's first epoch (ratio 1.02,
-    ACF 0.214 / 0.133 vs FISM 0.248 / 0.159; patience 30 or frozen pre-trained p / v / b do not
-    change it), and 300-user versions are ties or losses. Trained a fixed 20 epochs from scratch
+    ACF 0.214 / 0.133 vs FISM 0.248 / 0.159, SVD++ 0.236 / 0.149, BPR-MF 0.224 / 0.142; its
+    ablations 0.214 / 0.133, 0.238 / 0.146, 0.236 / 0.154; patience 25, ACF lr 0.0005 or frozen
+    pre-trained p / v / b do not change it), and 300-user versions are ties or losses. Trained a fixed 20 epochs from scratch
     (no early stopping), the ratio is 2.28 / 2.50 / 2.29 on three 300-user "sparse" seeds and
     1.18 without ``frame_agreement``. All three options stay off by default (ML-100K numbers
     above unchanged).
