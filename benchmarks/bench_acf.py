@@ -15,8 +15,12 @@ and how much of the component attention lands on the frames of the user's liked 
 relative to uniform attention (the acceptance target is >= 2):
 
     python benchmarks/bench_acf.py --planted [--set pretrain=null lr=0.005] [--catalogue noise=0.5]
+    python benchmarks/bench_acf.py --planted --preset sparse --set content_in_history=true \
+        profile_query=true frame_agreement=5 scale_attention_inputs=true
 
-(ACF pre-trains on FISM by default; ``--set pretrain=null`` trains it from scratch.)
+(ACF pre-trains on FISM by default; ``--set pretrain=null`` trains it from scratch. ``--preset``
+starts from a named catalogue of :data:`acfrec.datasets.catalogue.PRESETS`, ``--catalogue``
+arguments override it.)
 """
 
 from __future__ import annotations
@@ -123,26 +127,27 @@ def liked_frame_ratio(model, catalogue, split) -> float:
     return float((beta * liked).sum(-1)[shown].mean() / (liked.sum(-1) / np.maximum(count, 1))[shown].mean())
 
 
-def planted_table(acf_options: dict, catalogue_options: dict | None = None) -> None:
+def planted_table(acf_options: dict, catalogue_options: dict | None = None, preset: str | None = None) -> None:
     import tempfile
 
     import torch
 
     from acfrec.data.interactions import Interactions
     from acfrec.data.splitting import leave_one_out
-    from acfrec.datasets.catalogue import planted_catalogue
+    from acfrec.datasets.catalogue import PRESETS, planted_catalogue
     from acfrec.eval.evaluate import evaluate
     from acfrec.models import get_model
 
     torch.set_num_threads(1)
-    catalogue = planted_catalogue(**{"seed": 0, **(catalogue_options or {})})
+    catalogue_options = {**(PRESETS[preset] if preset else {}), **(catalogue_options or {})}
+    catalogue = planted_catalogue(**{"seed": 0, **catalogue_options})
     split = leave_one_out(Interactions.from_frame(catalogue.interactions, timestamp_col="timestamp"), seed=0)
     aligned = catalogue.write_store(Path(tempfile.mkdtemp()) / "frames", dim=32).align(split.items, 10)
     models = {name: get_model(name)(**({} if name in ("itempop", "als") else {"progress": False}))
               for name in ("itempop", "bpr-mf", "fism", "svdpp", "als")}
     for label, options in ABLATIONS.items():
         models[label] = get_model("acf")(components=aligned, progress=False, **{**acf_options, **options})
-    print(f"planted catalogue {catalogue_options or {}}: {split.n_users} users, {split.n_items} items, {split.train.nnz} training "
+    print(f"planted catalogue {preset or ''} {catalogue_options}: {split.n_users} users, {split.n_items} items, {split.train.nnz} training "
           f"interactions; ACF options {acf_options}")
     print(f"{'model':<32}{'HR@10':>8}{'NDCG@10':>9}{'liked-frame beta / uniform':>28}")
     for label, model in models.items():
@@ -164,6 +169,7 @@ def main() -> None:
                         help="ACF options for --planted (YAML values)")
     parser.add_argument("--catalogue", dest="catalogue_options", nargs="+", default=[], metavar="KEY=VALUE",
                         help="planted_catalogue arguments for --planted (YAML values; default seed 0)")
+    parser.add_argument("--preset", help="a named planted catalogue (acfrec.datasets.catalogue.PRESETS) for --planted")
     args = parser.parse_args()
     if args.planted:
         import yaml
@@ -171,7 +177,7 @@ def main() -> None:
         def parse(pairs: list[str]) -> dict:
             return {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in pairs)}
 
-        planted_table(parse(args.acf_options), parse(args.catalogue_options))
+        planted_table(parse(args.acf_options), parse(args.catalogue_options), args.preset)
         return
     if args.one:
         print(json.dumps(run_one(args.one, args.data, args.batch_size, args.threads)))

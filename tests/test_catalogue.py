@@ -9,7 +9,13 @@ import numpy as np
 import polars as pl
 import pytest
 
-from acfrec.datasets.catalogue import load_digits_images, load_mnist_idx, planted_catalogue
+from acfrec.datasets.catalogue import (
+    PRESETS,
+    load_digits_images,
+    load_mnist_idx,
+    planted_catalogue,
+    planted_preset,
+)
 from acfrec.errors import DataValidationError
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -142,3 +148,23 @@ def test_uniform_clicks_ignore_popularity():
     assert chosen.max() > 4 * chosen.mean()
     with pytest.raises(DataValidationError, match="click_popularity must be >= 0, got -1"):
         planted_catalogue(n_users=10, n_items=40, click_popularity=-1)
+
+
+def test_preference_by_shown_takes_items_with_a_minority_of_liked_frames(catalogue):
+    shown = planted_catalogue(n_users=300, n_items=150, seed=3, preference_by="shown")
+    users, items = _dense(shown)
+    chosen = shown.truth.affinity[users, items][~shown.truth.noise]
+    by_share = catalogue.truth.affinity[_dense(catalogue)][~catalogue.truth.noise]
+    # Nearly every preference choice shows a liked class, but its liked share is lower than when
+    # the share itself drives the choice.
+    assert (chosen > 0).mean() > 0.95 > (by_share > 0).mean() and chosen.mean() < by_share.mean() - 0.04
+    with pytest.raises(DataValidationError, match="preference_by must be 'share' or 'shown', got 'all'"):
+        planted_catalogue(n_users=10, n_items=40, preference_by="all")
+
+
+def test_presets_are_catalogue_arguments_with_overrides():
+    small = planted_preset("sparse", n_users=40, n_items=120, seed=2)
+    same = planted_catalogue(**{**PRESETS["sparse"], "n_users": 40, "n_items": 120, "seed": 2})
+    assert small.interactions.equals(same.interactions) and small.n_items == 120
+    with pytest.raises(DataValidationError, match="unknown planted catalogue preset 'dense'; known: \\['sparse'\\]"):
+        planted_preset("dense")
