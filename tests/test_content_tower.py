@@ -98,14 +98,20 @@ def test_a_cold_items_score_is_finite_and_depends_on_its_content(
     assert np.abs(scores[0] - scores[1]).max() > 1e-3
 
 
-def test_items_without_content_still_get_a_finite_score(warm_model: Recommender, tmp_path: Path) -> None:
+def test_items_without_content_still_get_a_finite_score(
+    warm_model: Recommender, store: ComponentStore, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     model = Recommender.load(warm_model.save(tmp_path / "m"))
+    (absent,) = model.add_items(store, ["not-in-the-store"])  # no content in the store: generic vector
+    assert "has no components for 1 of 1" in caplog.text
+    assert np.isfinite(model.score(np.arange(5), [absent])).all()
     width, dim = model.module.features.shape[1:]
     empty = AlignedComponents(torch.zeros(2, width, dim), torch.zeros(2, width, dtype=torch.bool))
     added = model.add_items(empty, item_ids=["new-a", "new-b"])
-    scores = model.score(np.arange(5), added)
+    scores = model.score(np.arange(5), [*added, absent])
     assert np.isfinite(scores).all()
     np.testing.assert_allclose(scores[:, 0], scores[:, 1])  # no content: one generic vector
+    np.testing.assert_allclose(scores[:, 0], scores[:, 2], rtol=1e-5)
 
 
 def test_added_items_survive_save_and_load(warm_model: Recommender, cold: ColdSplit, store: ComponentStore, tmp_path: Path) -> None:
@@ -134,8 +140,6 @@ def test_add_items_errors(warm_model: Recommender, cold: ColdSplit, store: Compo
     model = Recommender.load(warm_model.save(tmp_path / "m"))
     with pytest.raises(DataValidationError, match="already in the model"):
         model.add_items(store, [cold.warm.items.external_ids[0]])
-    with pytest.raises(DataValidationError, match="has no item 'nope'"):
-        model.add_items(store, ["nope"])
     width = model.module.features.shape[1]
     with pytest.raises(DataValidationError, match="dimension 3 but the model was trained on 16"):
         model.add_items(AlignedComponents(torch.zeros(1, width, 3), torch.ones(1, width, dtype=torch.bool)), ["x"])

@@ -917,8 +917,9 @@ class ACF(TorchRecommender):
             components: a :class:`ComponentStore` (by default every store item the model does not
                 know yet, in store order) or :class:`AlignedComponents` ``(n_new, M, D)`` of the
                 new items in order.
-            item_ids: the new items' external ids: which store items to add, or the names of the
-                aligned rows (required then when the model has an item id map).
+            item_ids: the new items' external ids: which store items to add (an id the store
+                lacks is added without content, with a warning), or the names of the aligned
+                rows (required then when the model has an item id map).
         Returns:
             ``(n_new,)`` int64 dense indices of the added items (``n_items`` before, onwards).
         """
@@ -958,11 +959,8 @@ class ACF(TorchRecommender):
                 )
             if ids is None:
                 ids = [x for x in components.items.external_ids.tolist() if x not in known]
-            missing = [x for x in ids if x not in components.items]
-            if missing:
-                raise DataValidationError(
-                    f"component store {components.path} has no item {missing[0]!r} ({len(missing)} of the ids asked for)"
-                )
+            # Ids the store lacks are added without content (align warns with the count): the
+            # tower's generic vector scores them, as the no-content path does for known items.
             aligned = components.align(IdMap(ids, kind="item"), self.config.max_components)
         elif isinstance(components, AlignedComponents):
             aligned = components
