@@ -102,7 +102,7 @@ ABLATIONS: dict[str, dict] = {
     "acf": {},
     "acf, component attention off": {"component_attention": False},
     "acf, item attention off": {"item_attention": False},
-    "acf, content off": {"use_content": False},
+    "acf, content off": {"use_content": False, "content_tower": False},  # no content: no tower either
 }
 
 
