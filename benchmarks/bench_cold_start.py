@@ -58,7 +58,7 @@ def acf(cold: ColdSplit, store: ComponentStore, args: argparse.Namespace, tower:
         "seed": args.seed, "progress": False, "num_threads": args.threads,
     }
     if tower:
-        options.update(content_tower=True, tower_dropout=args.tower_dropout)
+        options.update(content_tower=True, tower_dropout=args.tower_dropout, tower_validation_weight=args.tower_validation_weight)
     return get_model("acf")(**options).fit(cold.warm)
 
 
@@ -178,6 +178,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=0.005, help="ACF learning rate")
     parser.add_argument("--acf-epochs", type=int, default=100, help="ACF epochs (early stopping, patience 10)")
     parser.add_argument("--tower-dropout", type=float, default=0.5, help="DropoutNet replacement probability")
+    parser.add_argument("--tower-validation-weight", type=float, default=0.5,
+                        help="share of the content-only validation NDCG in ACF's early stopping")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     np.set_printoptions(precision=4)

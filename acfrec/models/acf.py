@@ -120,6 +120,8 @@ class ACFConfig(TorchConfig):
         tower_blend: when scoring warm items, ``(1 - blend) * learned + blend * tower`` (0: the
             learned vectors; added items always use the tower's).
         tower_weight_decay: L2 coefficient on the tower's weight matrices.
+        tower_validation_weight: share of the content-only validation NDCG in the early-stopping
+            score (below); lower keeps more of the warm items' quality.
 
         content_in_history: an extension of the paper: each history item adds its projected,
             beta-mixed content to its vector, ``u_i + sum alpha (p_l + W_c xbar_l)`` (``W_c``
@@ -136,8 +138,8 @@ class ACFConfig(TorchConfig):
             ``-mean_l sum_m beta(i, l, m) share_j(cluster(x_lm))``. Beta then has a first-order,
             user-specific signal: which frames look like the things this user goes on to take.
 
-    With a content tower, early stopping watches the mean of two validation NDCGs: learned item
-    vectors, and every item scored from content alone (target ``v_j``, ``b_j`` from the tower, as
+    With a content tower, early stopping watches a weighted mean of two validation NDCGs: learned
+    item vectors, and every item scored from content alone (target ``v_j``, ``b_j`` from the tower, as
     a cold item is). The best warm epoch alone comes before the tower has learned anything.
 
     Measured on the planted image catalogue (500 users x 300 items, half of the clicks
@@ -212,6 +214,7 @@ class ACFConfig(TorchConfig):
     tower_dropout: float = 0.5
     tower_blend: float = 0.0
     tower_weight_decay: float = 0.0
+    tower_validation_weight: float = 0.5
     content_in_history: bool = False
     frame_agreement: float = 0.0
     profile_query: bool = False
@@ -704,9 +707,9 @@ class ACF(TorchRecommender):
         return self
 
     def _validator(self) -> Callable[[TorchRecommender, TrainData], float] | None:
-        """With a content tower: the mean of the validation NDCG with learned item vectors and with
-        every item scored from its content (as a cold item is), so the kept checkpoint is good at
-        both; the best warm epoch alone often comes before the tower has learned anything."""
+        """With a content tower: the weighted mean of the validation NDCG with learned item vectors
+        and with every item scored from its content (as a cold item is), so the kept checkpoint is
+        good at both; the best warm epoch alone often comes before the tower has learned anything."""
         if not self.config.content_tower:
             return None
         from acfrec.train.trainer import default_validator
@@ -720,7 +723,8 @@ class ACF(TorchRecommender):
             finally:
                 net.content_only = False
             logger.debug("ACF validation NDCG: learned items %.4f, content only %.4f", warm, content)
-            return (warm + content) / 2
+            weight = self.config.tower_validation_weight
+            return (1 - weight) * warm + weight * content
 
         return warm_and_content
 
@@ -1072,7 +1076,7 @@ def _copy_fism(network: _ACFNetwork, fism: Recommender) -> None:
 
 
 def _check_tower_options(config: ACFConfig) -> None:
-    for name in ("tower_dropout", "tower_blend"):
+    for name in ("tower_dropout", "tower_blend", "tower_validation_weight"):
         if not 0.0 <= getattr(config, name) <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {getattr(config, name)}")
     if config.tower_hidden < 1 or config.tower_weight_decay < 0:
