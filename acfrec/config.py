@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -238,8 +239,14 @@ def _coerce_union(value: Any, args: tuple[Any, ...], source: str, where: str) ->
     raise ConfigError(f"{source}: {where} must be {names}, got {type(value).__name__} {value!r}")
 
 
+# YAML 1.1 (PyYAML) reads "1e-6" (no dot) as a string; a float option takes it as the number it is.
+_NUMBER = re.compile(r"[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?")
+
+
 def _coerce_scalar(value: Any, hint: Any, source: str, where: str) -> Any:
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
         return float(value)
     if hint in (int, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
         raise ConfigError(f"{source}: {where} must be {hint.__name__}, got {type(value).__name__} {value!r}")

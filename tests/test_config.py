@@ -168,3 +168,12 @@ def test_defaults_match_the_documented_protocol() -> None:
     assert dataclasses.asdict(config.eval) == dataclasses.asdict(EvalConfig())
     assert (config.data.tie_rule, config.data.n_negatives, config.data.min_interactions) == ("file_order", 99, 3)
     assert config.tracking.enabled and config.tracking.uri is None
+
+
+def test_exponent_numbers_without_a_dot_are_numbers_for_float_options(tmp_path: Path) -> None:
+    # PyYAML (YAML 1.1) reads 1e-6 as the string "1e-6"
+    path = write(tmp_path / "run.yaml", "data:\n  path: a.csv\n  rating_threshold: 1e-6\nmodels: [itempop]\n")
+    assert load_run_config(path).data.rating_threshold == pytest.approx(1e-6)
+    assert load_run_config(path, ["data.rating_threshold=2E+1"]).data.rating_threshold == 20.0
+    with pytest.raises(ConfigError, match="must be a number"):
+        load_run_config(path, ["data.rating_threshold=1e"])

@@ -151,7 +151,8 @@ def test_add_items_errors(warm_model: Recommender, cold: ColdSplit, store: Compo
         plain.add_items(store)
     with pytest.raises(DataValidationError, match="content_tower=True needs components"):
         get_model("acf")(content_tower=True, dim=8, epochs=1, progress=False, pretrain=None).fit(cold.warm)
-    for option in ({"tower_dropout": 1.5}, {"tower_blend": -0.1}, {"tower_hidden": 0}, {"tower_validation_weight": 2.0}):
+    for option in ({"tower_dropout": 1.5}, {"tower_blend": -0.1}, {"tower_hidden": 0}, {"tower_validation_weight": 2.0},
+                   {"frame_agreement": -1.0}):
         with pytest.raises(ValueError, match=next(iter(option))):
             get_model("acf")(components_path=str(store.path), **dict(TOWER, **option)).fit(cold.warm)
 

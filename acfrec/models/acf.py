@@ -1079,6 +1079,8 @@ def _check_tower_options(config: ACFConfig) -> None:
     for name in ("tower_dropout", "tower_blend", "tower_validation_weight"):
         if not 0.0 <= getattr(config, name) <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {getattr(config, name)}")
+    if config.frame_agreement < 0:
+        raise ValueError(f"frame_agreement must be >= 0 (a loss weight), got {config.frame_agreement}")
     if config.tower_hidden < 1 or config.tower_weight_decay < 0:
         raise ValueError(
             f"tower_hidden must be >= 1 and tower_weight_decay >= 0, got {config.tower_hidden} and {config.tower_weight_decay}"
