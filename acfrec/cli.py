@@ -509,11 +509,9 @@ def _significance_note(outcome: CompareOutcome, eval_config: EvalConfig) -> str:
 
 
 def _write_compare_outputs(outcome: CompareOutcome, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "results.csv", outcome.table.to_csv(index=False))
-    atomic_write_text(out / "results.md", outcome.text + "\n")
-    for name, result in outcome.results.items():
-        result.save(out / "eval" / name)
+    from acfrec.eval.compare import write_comparison
+
+    write_comparison(out, outcome.table, outcome.text, outcome.results)
 
 
 def _metrics_text(result: EvalResult) -> str:
@@ -727,14 +725,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _give_components(models: Sequence[Recommender], catalogue: Catalogue, split: Split, store_path: Path) -> None:
     """Write the catalogue's frame components and hand them to every ACF model without its own."""
-    from acfrec.models.acf import ACF
+    from acfrec.coldstart import give_components, without_components
 
-    attentive = [m for m in models if isinstance(m, ACF) and m.config.components_path is None]
-    if not attentive:
-        return
-    store = catalogue.write_store(store_path, dim=DEMO_COMPONENT_DIM)
-    for model in attentive:
-        model.set_components(store.align(split.items, model.config.max_components))
+    if without_components(models):
+        give_components(models, catalogue.write_store(store_path, dim=DEMO_COMPONENT_DIM), split.items)
 
 
 def _attention_picture(model: Recommender, catalogue: Catalogue | None, split: Split, path: Path) -> str | None:

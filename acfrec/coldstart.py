@@ -23,12 +23,12 @@ import pandas as pd
 from acfrec.config import EvalConfig, RunConfig, to_dict
 from acfrec.data.cold import ColdSplit
 from acfrec.data.components import ComponentStore
+from acfrec.data.idmap import IdMap
 from acfrec.eval.cold import ColdResult, cold_table, evaluate_cold
-from acfrec.eval.compare import compare
+from acfrec.eval.compare import compare, format_table, write_comparison
 from acfrec.eval.evaluate import EvalResult
 from acfrec.models.base import Recommender
 from acfrec.models.content_knn import ContentKNN, ContentPopularity, ContentScorer, RandomScorer, item_content
-from acfrec.utils import atomic_write_text
 
 log = logging.getLogger("acfrec")
 
@@ -82,13 +82,17 @@ def can_add_items(model: Recommender) -> str | None:
     return None
 
 
-def give_components(models: Sequence[Recommender], store: ComponentStore, cold: ColdSplit) -> None:
-    """Hand ``store`` (aligned on the warm items) to every ACF model without its own components."""
+def without_components(models: Sequence[Recommender]) -> list[Recommender]:
+    """The ACF models that were given no component store of their own."""
     from acfrec.models.acf import ACF
 
-    for model in models:
-        if isinstance(model, ACF) and model.config.components_path is None:
-            model.set_components(store.align(cold.warm.items, model.config.max_components))
+    return [m for m in models if isinstance(m, ACF) and m.config.components_path is None]
+
+
+def give_components(models: Sequence[Recommender], store: ComponentStore, items: IdMap) -> None:
+    """Hand ``store``, aligned on ``items`` (the training items), to every ACF model without its own."""
+    for model in without_components(models):
+        model.set_components(store.align(items, model.config.max_components))
 
 
 def run_cold_compare(
@@ -112,7 +116,7 @@ def run_cold_compare(
     results: dict[str, ColdResult] = {}
     warm: dict[str, EvalResult] = {}
     skipped: list[str] = []
-    give_components(models, store, cold)
+    give_components(models, store, cold.warm.items)
     with tracker.run("compare-cold", tags={"acfrec.command": "compare", "acfrec.protocol": COLD}) as parent:
         parent.log_split(cold.warm)
         parent.log_config(to_dict(config))
@@ -157,8 +161,6 @@ def _tables_text(
         cold_table(results, metrics=metrics, test=eval_config.test),
     ]
     if warm:
-        from acfrec.eval.compare import format_table
-
         k = min(eval_config.ks)
         frame = compare(warm, metric=f"NDCG@{k}", protocol=next(iter(next(iter(warm.values())).ranks)),
                         test=eval_config.test)
@@ -168,12 +170,9 @@ def _tables_text(
 
 
 def write_cold_outputs(outcome: ColdCompareOutcome, out: Path) -> None:
-    """``cold_results.csv`` / ``.md`` and per-model positions under ``cold/<label>/``."""
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "cold_results.csv", outcome.table.to_csv(index=False))
-    atomic_write_text(out / "cold_results.md", outcome.text + "\n")
-    for label, result in outcome.results.items():
-        result.save(out / "cold" / label)
+    """``cold_results.csv`` / ``.md``, per-model positions under ``cold/<label>/`` and warm ranks
+    under ``eval/<model>/``."""
+    write_comparison(out, outcome.table, outcome.text, outcome.results, stem="cold_results", folder="cold")
     for name, result in outcome.warm.items():
         result.save(out / "eval" / name)
 
@@ -184,6 +183,7 @@ __all__ = [
     "cold_metrics",
     "content_baselines",
     "give_components",
+    "without_components",
     "run_cold_compare",
     "write_cold_outputs",
 ]

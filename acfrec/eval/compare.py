@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -11,6 +13,7 @@ from scipy import stats
 
 from acfrec.errors import DataValidationError
 from acfrec.eval.evaluate import EvalResult
+from acfrec.utils import atomic_write_text
 
 TESTS = ("wilcoxon", "bootstrap")
 # Bootstrap resamples are drawn in blocks of about this many indices, bounding memory for
@@ -190,3 +193,15 @@ def format_table(
         )
         for r in [header, *cells]
     )
+
+
+def write_comparison(
+    out: Path, table: pd.DataFrame, text: str, results: Mapping[str, Any], stem: str = "results", folder: str = "eval"
+) -> None:
+    """``<stem>.csv`` (the :func:`compare` table), ``<stem>.md`` (``text``) and each result's
+    ``save`` under ``<folder>/<label>/``, in folder ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / f"{stem}.csv", table.to_csv(index=False))
+    atomic_write_text(out / f"{stem}.md", text + "\n")
+    for label, result in results.items():
+        result.save(out / folder / label)

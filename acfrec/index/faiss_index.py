@@ -252,8 +252,7 @@ class ItemIndex:
         if self.config.metric == "cosine":
             new = _normalise(new)
         if self.config.kind == "hnsw" and self.config.hnsw_space != "ip":
-            extra = np.sqrt(np.maximum(self._max_sq_norm - np.einsum("nd,nd->n", new, new), 0.0))
-            new = np.ascontiguousarray(np.hstack([new, extra[:, None]]), dtype=np.float32)
+            new, _ = _mips_to_l2(new, self._max_sq_norm)
         self._cpu.add(np.ascontiguousarray(new, dtype=np.float32))
         if self._gpu is not None:
             self._gpu = faiss.index_cpu_to_gpu(self._gpu_resources, 0, self._cpu)
@@ -498,10 +497,13 @@ def _normalise(vectors: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(vectors / np.maximum(norms, np.finfo(np.float32).tiny), dtype=np.float32)
 
 
-def _mips_to_l2(vectors: np.ndarray) -> tuple[np.ndarray, float]:
-    """``(n, d)`` -> ``(n, d + 1)`` vectors of equal norm whose L2 order is the inner-product order."""
+def _mips_to_l2(vectors: np.ndarray, max_sq_norm: float | None = None) -> tuple[np.ndarray, float]:
+    """``(n, d)`` -> ``(n, d + 1)`` vectors of equal norm whose L2 order is the inner-product order.
+
+    ``max_sq_norm``: that of an existing index (items added later); a longer vector gets 0.
+    """
     sq_norms = np.einsum("nd,nd->n", vectors, vectors)
-    max_sq_norm = float(sq_norms.max())
+    max_sq_norm = float(sq_norms.max()) if max_sq_norm is None else max_sq_norm
     extra = np.sqrt(np.maximum(max_sq_norm - sq_norms, 0.0))
     return np.ascontiguousarray(np.hstack([vectors, extra[:, None]]), dtype=np.float32), max_sq_norm
 

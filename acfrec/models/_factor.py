@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from acfrec.data.idmap import check_indices
-from acfrec.models.base import ModelConfig, TorchConfig, TorchRecommender
+from acfrec.models.base import ModelConfig, TorchConfig, TorchRecommender, scoring
 
 LOSSES = ("bpr", "log")
 # Fold-in of a new user's history (see fold_in): weight of a consumed item against the weight 1 of
@@ -292,14 +292,9 @@ class FactorRecommender(TorchRecommender):
         assert module is not None
         users_t = torch.as_tensor(users, device=self.device)
         items_t = torch.as_tensor(items, device=self.device)
-        was_training = module.training
-        module.eval()
-        try:
-            with torch.no_grad():
-                scores = torch.einsum("bd,bmd->bm", self._user_vectors(users_t), module.item(items_t))
-                scores = scores + module.bias(items_t)
-        finally:
-            module.train(was_training)
+        with scoring(module):
+            scores = torch.einsum("bd,bmd->bm", self._user_vectors(users_t), module.item(items_t))
+            scores = scores + module.bias(items_t)
         return scores.float().cpu().numpy()
 
     def item_factors(self) -> np.ndarray:

@@ -50,6 +50,7 @@ from acfrec.models.base import (
     TrainData,
     get_model,
     register,
+    scoring,
 )
 from acfrec.models.content_tower import ContentTower, ItemTables, dropped_items
 
@@ -666,8 +667,9 @@ class _ACFNetwork(nn.Module):
     def score_rows(self, user: torch.Tensor, history: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Scores ``(n, n_items)``: :meth:`query_rows` against every ``v_j``, plus ``b_j``."""
         tables = self.tables()
-        bias = tables.item_bias(torch.arange(tables.target.shape[0], device=user.device))
-        return torch.addmm(bias.expand(user.shape[0], -1), self.query_rows(user, history, mask, tables), tables.target.T)
+        return torch.addmm(
+            tables.biases().expand(user.shape[0], -1), self.query_rows(user, history, mask, tables), tables.target.T
+        )
 
     def _history_term(
         self, numerator: torch.Tensor, denominator: torch.Tensor, count: torch.Tensor, shift: torch.Tensor
@@ -864,14 +866,9 @@ class ACF(TorchRecommender):
         net = self._net()
         history, mask = build_history(TrainData(histories), self.config.max_history, self.config.seed)
         history, mask = history.to(self.device), mask.to(self.device)
-        was_training = net.training
-        net.eval()
-        try:
-            with torch.no_grad():
-                mean_user = net.user.weight.mean(dim=0).expand(mask.shape[0], -1)
-                return net.score_rows(mean_user, history, mask).float().cpu()
-        finally:
-            net.train(was_training)
+        with scoring(net):
+            mean_user = net.user.weight.mean(dim=0).expand(mask.shape[0], -1)
+            return net.score_rows(mean_user, history, mask).float().cpu()
 
     def item_factors(self) -> np.ndarray:
         """``(n_items, dim)`` target-item vectors ``v_j`` as scored (blended with the tower's when
@@ -890,22 +887,16 @@ class ACF(TorchRecommender):
         users = np.asarray(users, dtype=np.int64).reshape(-1)
         check_indices(users, self.n_users, "user")
         net = self._net()
-        was_training = net.training
-        net.eval()
-        try:
-            with torch.no_grad():
-                users_t = torch.as_tensor(users, device=self.device)
-                queries = net.query_rows(net.user(users_t), net.history[users_t], net.history_mask[users_t], net.tables())
-        finally:
-            net.train(was_training)
+        with scoring(net):
+            users_t = torch.as_tensor(users, device=self.device)
+            queries = net.query_rows(net.user(users_t), net.history[users_t], net.history_mask[users_t], net.tables())
         return np.hstack([queries.float().cpu().numpy(), np.ones((users.size, 1), dtype=np.float32)])
 
     def item_vectors(self) -> np.ndarray:
         """``(n_items, dim + 1)`` item vectors ``[v_j, b_j]`` (``b_j = 0`` without item bias)."""
         with torch.no_grad():
             tables = self._net().tables()
-            bias = tables.item_bias(torch.arange(tables.target.shape[0], device=tables.target.device))
-            return torch.cat([tables.target, bias[:, None]], dim=1).float().cpu().numpy()
+            return torch.cat([tables.target, tables.biases()[:, None]], dim=1).float().cpu().numpy()
 
     # ------------------------------------------------------------ new items
     def add_items(
@@ -934,16 +925,11 @@ class ACF(TorchRecommender):
                 "add_items needs a content tower: train ACF with content_tower=True (and components)"
             )
         new_ids, aligned = self._new_item_content(components, item_ids)
-        features, mask = _fit_width(aligned, net.features.shape[1])
-        was_training = net.training
-        net.eval()
-        try:
-            with torch.no_grad():
-                target, history, bias = net.content_vectors(features.to(self.device), mask.to(self.device))
-        finally:
-            net.train(was_training)
+        features, mask = (part.to(self.device) for part in _fit_width(aligned, net.features.shape[1]))
+        with scoring(net):
+            target, history, bias = net.content_vectors(features, mask)
         start = self.n_items
-        net.append_items(history, target, bias, features.to(self.device), mask.to(self.device))
+        net.append_items(history, target, bias, features, mask)
         self.seen = sp.hstack([self.seen, sp.csr_matrix((self.n_users, aligned.n_items), dtype=self.seen.dtype)]).tocsr()
         if self.items is not None:
             self.items = IdMap([*self.items.external_ids.tolist(), *new_ids], kind="item")

@@ -11,10 +11,11 @@ model differs only in a few hooks. Indices are dense int64 (see :mod:`acfrec.dat
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -438,6 +439,18 @@ class TorchConfig(ModelConfig):
     num_threads: int = 1
 
 
+@contextlib.contextmanager
+def scoring(module: torch.nn.Module) -> Iterator[None]:
+    """Eval mode and no autograd for the block; the module's previous mode is restored after it."""
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        module.train(was_training)
+
+
 class TorchRecommender(Recommender):
     """A model trained by the shared trainer on BPR triples.
 
@@ -489,13 +502,8 @@ class TorchRecommender(Recommender):
         users = np.asarray(users, dtype=np.int64).reshape(-1)
         check_indices(users, self.n_users, "user")
         users_t = torch.as_tensor(users, device=self.device)
-        was_training = self.module.training
-        self.module.eval()
-        try:
-            with torch.no_grad():
-                return self._score_all(users_t).float().cpu()
-        finally:
-            self.module.train(was_training)
+        with scoring(self.module):
+            return self._score_all(users_t).float().cpu()
 
     def _state(self) -> dict[str, Any]:
         assert self.module is not None

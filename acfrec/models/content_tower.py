@@ -52,6 +52,10 @@ class ItemTables:
     target: torch.Tensor
     bias: torch.Tensor | None
 
+    def biases(self) -> torch.Tensor:
+        """``(n_items,)`` ``b_j`` of every item (zeros without item bias)."""
+        return self.target.new_zeros(self.target.shape[0]) if self.bias is None else self.bias
+
     def item_bias(self, items: torch.Tensor) -> torch.Tensor:
         """``b_j`` shaped like ``items`` (zeros without item bias)."""
         if self.bias is None:
