@@ -128,8 +128,49 @@ def test_scores_are_an_inner_product_of_user_and_item_vectors(warm_model: Recomm
     np.testing.assert_allclose(warm_model.score_all(users).numpy(), expected, rtol=1e-4, atol=1e-5)
 
 
-def test_training_with_the_tower_is_repeatable(cold: ColdSplit, store: ComponentStore) -> None:
-    options = dict(TOWER, epochs=2, pretrain=None)
+def test_tower_trained_after_acf_leaves_warm_scores_exactly_as_without_a_tower(
+    warm_model: Recommender, cold: ColdSplit, store: ComponentStore
+) -> None:
+    assert warm_model.config.tower_training == "after"
+    plain = get_model("acf")(components_path=str(store.path), **dict(TOWER, content_tower=False)).fit(cold.warm)
+    users = np.arange(cold.n_users)
+    torch.testing.assert_close(warm_model.score_all(users), plain.score_all(users), rtol=0, atol=0)
+    stages = [entry.get("stage", "acf") for entry in warm_model.history]
+    assert stages[-1] == "tower" and stages.count("acf") == len(plain.history)
+
+
+def test_a_jointly_trained_tower_ranks_cold_items_by_taste(
+    cold: ColdSplit, store: ComponentStore, catalogue: Catalogue, tmp_path: Path
+) -> None:
+    joint = get_model("acf")(components_path=str(store.path), **dict(TOWER, tower_training="joint")).fit(cold.warm)
+    assert all("stage" not in entry for entry in joint.history)
+    model = with_cold_items(joint, cold, store, tmp_path)
+    users = cold.eval_users()
+    top, _ = model.recommend(users, k=5, allow=cold.cold_items)
+    affinity = catalogue.truth.affinity[users]
+    recommended = np.take_along_axis(affinity, source_index(model.items.external_ids[top]), axis=1).mean()
+    assert recommended > 1.5 * affinity[:, source_index(cold.cold_ids)].mean()
+
+
+def test_a_two_stage_run_resumes_from_its_checkpoints(cold: ColdSplit, store: ComponentStore, tmp_path: Path) -> None:
+    options = dict(TOWER, pretrain=None, patience=0, components_path=str(store.path))
+    whole = get_model("acf")(**dict(options, epochs=3)).fit(cold.warm)
+    checkpoints = tmp_path / "checkpoints"
+    get_model("acf")(**dict(options, epochs=2, checkpoint_dir=str(checkpoints))).fit(cold.warm)
+    first_tower = list(checkpoints.glob("tower-*"))
+    # ACF's stage resumes for its third epoch: the tower's checkpoint, trained against the
+    # two-epoch model, must not be resumed against the three-epoch one
+    resumed = get_model("acf")(**dict(options, epochs=3, checkpoint_dir=str(checkpoints))).fit(cold.warm)
+    assert len(first_tower) == 1 and list(checkpoints.glob("tower-*")) != first_tower
+    users = np.arange(cold.n_users)
+    for model in (resumed, get_model("acf")(**dict(options, epochs=3, checkpoint_dir=str(checkpoints))).fit(cold.warm)):
+        torch.testing.assert_close(model.score_all(users), whole.score_all(users), rtol=0, atol=0)
+        torch.testing.assert_close(model.module.tower.state_dict(), whole.module.tower.state_dict(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("training", ["after", "joint"])
+def test_training_with_the_tower_is_repeatable(cold: ColdSplit, store: ComponentStore, training: str) -> None:
+    options = dict(TOWER, epochs=2, pretrain=None, tower_training=training)
     first = get_model("acf")(components_path=str(store.path), **options).fit(cold.warm)
     second = get_model("acf")(components_path=str(store.path), **options).fit(cold.warm)
     torch.testing.assert_close(first.score_all(np.arange(8)), second.score_all(np.arange(8)), rtol=0, atol=0)
@@ -152,7 +193,7 @@ def test_add_items_errors(warm_model: Recommender, cold: ColdSplit, store: Compo
     with pytest.raises(DataValidationError, match="content_tower=True needs components"):
         get_model("acf")(content_tower=True, dim=8, epochs=1, progress=False, pretrain=None).fit(cold.warm)
     for option in ({"tower_dropout": 1.5}, {"tower_blend": -0.1}, {"tower_hidden": 0}, {"tower_validation_weight": 2.0},
-                   {"frame_agreement": -1.0}):
+                   {"frame_agreement": -1.0}, {"tower_training": "later"}):
         with pytest.raises(ValueError, match=next(iter(option))):
             get_model("acf")(components_path=str(store.path), **dict(TOWER, **option)).fit(cold.warm)
 

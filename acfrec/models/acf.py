@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,8 +52,10 @@ from acfrec.models.base import (
     get_model,
     register,
     scoring,
+    training_threads,
 )
 from acfrec.models.content_tower import ContentTower, ItemTables, dropped_items
+from acfrec.utils import fingerprint_arrays
 
 logger = logging.getLogger(__name__)
 
@@ -121,8 +124,24 @@ class ACFConfig(TorchConfig):
         tower_blend: when scoring warm items, ``(1 - blend) * learned + blend * tower`` (0: the
             learned vectors; added items always use the tower's).
         tower_weight_decay: L2 coefficient on the tower's weight matrices.
-        tower_validation_weight: share of the content-only validation NDCG in the early-stopping
-            score (below); lower keeps more of the warm items' quality.
+        tower_validation_weight: with ``tower_training="joint"``, the share of the content-only
+            validation NDCG in the early-stopping score (below); lower keeps more of the warm
+            items' quality.
+
+        tower_training: ``"after"`` (default): two stages. First ACF alone (the tower unused;
+            early stopping on the warm validation NDCG), then the tower alone with everything
+            else frozen, DropoutNet-style (so its items compete with learned ones), early
+            stopping on the content-only validation NDCG. Warm items then score exactly as ACF
+            without a tower (the tower is built last, so even the initialisation is the same).
+            ``"joint"``: the tower trains with the rest of the model and early stopping watches
+            ``tower_validation_weight`` (below). Measured (``bench_cold_start.py``, 20% cold,
+            cold Recall@20 among cold items; warm HR@10 vs ACF without a tower): planted
+            catalogue of 2,000 users x 1,000 items, seed 0, pixel frames: after 0.490 (warm
+            0.317 = 0.317), joint 0.474 (warm 0.298), content kNN 0.443; seed 1: after 0.475
+            (warm 0.347 = 0.347), joint 0.422 (warm 0.310), content kNN 0.432; the default
+            500 x 300 catalogue: after 0.607 (warm 0.474 vs 0.478), joint 0.621 (0.470), content
+            kNN 0.637. A learned content kernel added to the score (mean history key . item key,
+            a learned generalisation of content kNN) scored 0.464 vs 0.475 at seed 1 and was dropped.
 
         content_in_history: an extension of the paper: each history item adds its projected,
             beta-mixed content to its vector, ``u_i + sum alpha (p_l + W_c xbar_l)`` (``W_c``
@@ -139,7 +158,7 @@ class ACFConfig(TorchConfig):
             ``-mean_l sum_m beta(i, l, m) share_j(cluster(x_lm))``. Beta then has a first-order,
             user-specific signal: which frames look like the things this user goes on to take.
 
-    With a content tower, early stopping watches a weighted mean of two validation NDCGs: learned
+    With a content tower trained jointly, early stopping watches a weighted mean of two validation NDCGs: learned
     item vectors, and every item scored from content alone (target ``v_j``, ``b_j`` from the tower, as
     a cold item is). The best warm epoch alone comes before the tower has learned anything.
 
@@ -219,6 +238,7 @@ class ACFConfig(TorchConfig):
     content_in_history: bool = False
     frame_agreement: float = 0.0
     profile_query: bool = False
+    tower_training: str = "after"
 
 
 @dataclass
@@ -395,11 +415,10 @@ class _ACFNetwork(nn.Module):
         self.tower: ContentTower | None = None
         # True while validating the tower: target items scored from content alone
         self.content_only = False
-        if config.content_tower:
-            if features is None:
-                raise DataValidationError("content_tower=True needs components (components_path or components=)")
-            self.tower = ContentTower(features.shape[2], dim, config.tower_hidden, config.tower_pooling)
-            self.tower.standardise(features, feature_mask)
+        # "off" in the first of two training stages (ACFConfig.tower_training): learned vectors only
+        self.tower_mode = "joint"
+        if config.content_tower and features is None:
+            raise DataValidationError("content_tower=True needs components (components_path or components=)")
         if self.has_content:
             assert feature_mask is not None
             self.register_buffer("features", features)
@@ -418,6 +437,10 @@ class _ACFNetwork(nn.Module):
         for layer in (self.att_out, getattr(self, "comp_out", None)):
             if layer is not None:
                 nn.init.zeros_(layer.weight)
+        if config.content_tower:
+            # Built last, so the rest of the model starts exactly as without a tower (same seed).
+            self.tower = ContentTower(features.shape[2], dim, config.tower_hidden, config.tower_pooling)
+            self.tower.standardise(features, feature_mask)
 
     def scaled(self, vectors: torch.Tensor) -> torch.Tensor:
         """``vectors`` ``(..., dim)`` at unit root-mean-square, when ``scale_attention_inputs``."""
@@ -438,6 +461,8 @@ class _ACFNetwork(nn.Module):
         if self.tower is None:
             return learned
         if training:
+            if self.tower_mode == "off":
+                return learned
             items = dropped_items(learned.target.shape[0], self.config.tower_dropout, learned.target.device)
             if items.numel() == 0:
                 return learned
@@ -712,7 +737,7 @@ class ACF(TorchRecommender):
         """With a content tower: the weighted mean of the validation NDCG with learned item vectors
         and with every item scored from its content (as a cold item is), so the kept checkpoint is
         good at both; the best warm epoch alone often comes before the tower has learned anything."""
-        if not self.config.content_tower:
+        if not self.config.content_tower or self.config.tower_training == "after":
             return None
         from acfrec.train.trainer import default_validator
 
@@ -730,6 +755,54 @@ class ACF(TorchRecommender):
 
         return warm_and_content
 
+    def _fit(self, data: TrainData) -> None:
+        """ACF's training; with ``tower_training="after"``, then the tower's own stage."""
+        staged = self.config.content_tower and self.config.tower_training == "after"
+        super()._fit(data)
+        if staged:
+            history = self.history
+            self._net().tower_mode = "joint"
+            self._fit_tower(data)
+            self.history = [*history, *({**entry, "stage": "tower"} for entry in self.history)]
+
+    def _fit_tower(self, data: TrainData) -> None:
+        """The second stage: the tower trains against the frozen ACF, early stopping on the
+        content-only validation NDCG.
+
+        Its checkpoints, if any, go to ``checkpoint_dir/tower-<fingerprint of the frozen model>``:
+        a tower checkpoint resumes only against the very model it was training against (a
+        resumed first stage that trained on changes the fingerprint; older folders are removed).
+        """
+        from acfrec.train import Trainer
+        from acfrec.train.trainer import default_validator
+
+        net = self._net()
+        frozen = [param for name, param in net.named_parameters() if not name.startswith("tower.")]
+        config = self.config
+        if config.checkpoint_dir is not None:
+            stamp = fingerprint_arrays(*(param.detach().cpu().numpy() for param in frozen))
+            folder = Path(config.checkpoint_dir) / f"tower-{stamp}"
+            for stale in Path(config.checkpoint_dir).glob("tower-*"):
+                if stale != folder and stale.is_dir():
+                    shutil.rmtree(stale)
+            config = dataclasses.replace(config, checkpoint_dir=str(folder))
+        for param in frozen:
+            param.requires_grad_(False)
+
+        def content_only(model: TorchRecommender, data: TrainData) -> float:
+            net.content_only = True
+            try:
+                return default_validator(model, data)
+            finally:
+                net.content_only = False
+
+        try:
+            with training_threads(config.num_threads):
+                self.history = Trainer(config, callbacks=self.callbacks, validator=content_only).fit(self, data)
+        finally:
+            for param in frozen:
+                param.requires_grad_(True)
+
     # ------------------------------------------------------------- building
     def _build(self, data: TrainData) -> _ACFNetwork:
         _check_tower_options(self.config)
@@ -741,6 +814,8 @@ class ACF(TorchRecommender):
             content = content.truncate(self.config.max_components)
             features, feature_mask = content.features.clone(), content.mask.clone()
         network = _ACFNetwork(n_users, n_items, history, mask, self.config, features, feature_mask)
+        if self.config.tower_training == "after":
+            network.tower_mode = "off"
         if self._pretrain_wanted():
             _copy_fism(network, self._pretrained_fism(data))
         return network
@@ -1065,6 +1140,8 @@ def _check_tower_options(config: ACFConfig) -> None:
     for name in ("tower_dropout", "tower_blend", "tower_validation_weight"):
         if not 0.0 <= getattr(config, name) <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {getattr(config, name)}")
+    if config.tower_training not in ("joint", "after"):
+        raise ValueError(f"tower_training must be 'joint' or 'after', got {config.tower_training!r}")
     if config.frame_agreement < 0:
         raise ValueError(f"frame_agreement must be >= 0 (a loss weight), got {config.frame_agreement}")
     if config.tower_hidden < 1 or config.tower_weight_decay < 0:

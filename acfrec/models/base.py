@@ -451,6 +451,18 @@ def scoring(module: torch.nn.Module) -> Iterator[None]:
         module.train(was_training)
 
 
+@contextlib.contextmanager
+def training_threads(num_threads: int) -> Iterator[None]:
+    """``num_threads`` intra-op threads for the block (0: unchanged); the previous count after it."""
+    threads = torch.get_num_threads()
+    if num_threads > 0:
+        torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 class TorchRecommender(Recommender):
     """A model trained by the shared trainer on BPR triples.
 
@@ -474,13 +486,8 @@ class TorchRecommender(Recommender):
 
         torch.manual_seed(self.config.seed)
         self.module = self._build(data).to(self.device)
-        threads = torch.get_num_threads()
-        if self.config.num_threads > 0:
-            torch.set_num_threads(self.config.num_threads)
-        try:
+        with training_threads(self.config.num_threads):
             self.history = Trainer(self.config, callbacks=self.callbacks, validator=self._validator()).fit(self, data)
-        finally:
-            torch.set_num_threads(threads)
 
     def _validator(self) -> Callable[[TorchRecommender, TrainData], float] | None:
         """The early-stopping score ``validator(model, data)`` (higher is better); None: the
