@@ -16,7 +16,7 @@ from acfrec.datasets.catalogue import planted_catalogue, planted_preset
 from acfrec.eval.evaluate import evaluate
 from acfrec.models import Recommender, TrainData, get_model
 from acfrec.models import acf as acf_module
-from acfrec.models.acf import ACF, _MixComponents, _select, build_history
+from acfrec.models.acf import ACF, _Components, _MixComponents, _select, build_history
 
 # Training settings for the small planted catalogue (the defaults are tuned for ML-100K).
 PLANTED = dict(lr=0.005, init_std=0.03, weight_decay=0.0, max_history=100)
@@ -142,8 +142,15 @@ def test_chunked_component_attention_matches_autograd(monkeypatch):
         beta = torch.softmax(logits.masked_fill(~slots[inverse], -torch.inf), dim=-1)
         return torch.einsum("fm,fma->fa", beta, values[inverse]), beta
 
+    pairs = _Components.of(slots, inverse, rows)
+
+    def flat(keys, values, user_keys, w):
+        """The kernel on the real components only, laid out as component_terms does."""
+        real = (pairs.item, pairs.slot)
+        return _MixComponents.apply(keys[real], values[real], user_keys, w, pairs)
+
     results = []
-    for function in (lambda *x: _MixComponents.apply(*x, slots, inverse, rows), reference):
+    for function in (flat, reference):
         leaves = [x.clone().requires_grad_() for x in inputs]
         mixed, beta = function(*leaves)
         (mixed * probe).sum().backward()
@@ -155,6 +162,84 @@ def test_chunked_component_attention_matches_autograd(monkeypatch):
     for fast_grad, slow_grad in zip(fast_grads, slow_grads, strict=True):
         torch.testing.assert_close(fast_grad, slow_grad)
         assert fast_grad.abs().max() > 1e-3
+
+
+def _padded_component_terms(net, user, flat):
+    """Component attention over the padded ``(U, M)`` slot grid, by plain autograd: what
+    ``component_terms`` computed before it skipped the padded slots."""
+    config = net.config
+    valid = net.feature_mask[flat.items]
+    has_content = valid.any(dim=1, keepdim=True)
+    x = net.project(net.features[flat.items])
+    values = torch.where(has_content[..., None], net.att_content(x), net.att_content(net.no_content))
+    att, dim = values.shape[-1], x.shape[-1]
+    if config.content_in_history:
+        values = torch.cat([values, net.content_history(torch.where(has_content[..., None], x, net.no_content))], -1)
+    if config.frame_agreement > 0:
+        values = torch.cat([values, net.frame_codes(flat.items)], dim=-1)
+    slots = valid | ~has_content
+    if config.component_attention:
+        query = user
+        if config.profile_query:
+            item_mean = (x * valid[..., None]).sum(dim=1) / valid.sum(dim=1, keepdim=True).clamp_min(1)
+            total = torch.zeros_like(user).index_add(0, flat.rows, item_mean[flat.inverse])
+            query = user + total / torch.bincount(flat.rows, minlength=user.shape[0]).clamp_min(1)[:, None]
+        hidden = torch.relu(net.comp_component(x)[flat.inverse] + net.comp_user(net.scaled(query))[flat.rows][:, None])
+        logits = hidden @ (net.comp_out.weight[0] * config.attention_lr_scale)
+        beta = torch.softmax(logits.masked_fill(~slots[flat.inverse], -torch.inf), dim=-1)
+        mixed = torch.einsum("fm,fmw->fw", beta, values[flat.inverse])
+    else:
+        beta = (slots / slots.sum(dim=1, keepdim=True)).to(values.dtype)[flat.inverse]
+        mixed = torch.einsum("fm,fmw->fw", beta, values[flat.inverse])
+    return mixed[:, :att], mixed[:, att : att + dim], mixed[:, att + dim :], beta * has_content[flat.inverse]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"scale_attention_inputs": True, "attention_lr_scale": 3.0},
+        {"content_in_history": True, "profile_query": True, "frame_agreement": 1.0},
+        {"component_attention": False, "content_in_history": True, "frame_agreement": 1.0},
+    ],
+)
+def test_component_terms_over_real_components_match_the_padded_grid(planted, options):
+    """Only the real components are attended; outputs and every gradient match the padded grid,
+    with items without content, components missing mid-row and both distinct-item paths."""
+    _, split, _, aligned = planted
+    g = torch.Generator().manual_seed(3)
+    mask = aligned.mask & (torch.rand(aligned.mask.shape, generator=g) < 0.7)
+    mask[::7] = False  # items without content
+    features = aligned.features * mask[..., None]
+    model = _shell(split, AlignedComponents(features, mask), **options)
+    net = model.module
+    if options.get("content_in_history"):
+        torch.nn.init.normal_(net.content_history.weight, std=0.3)
+    torch.nn.init.normal_(net.comp_out.weight, std=3.0)
+    net.double()  # only the order of the sums differs: compare without float32 rounding
+    users = torch.as_tensor(np.random.default_rng(1).choice(split.n_users, size=48, replace=False))
+    assert (net.feature_mask[net.history[users][net.history_mask[users]]].sum(dim=1) == 0).any()
+    for rows in (users, users[:1]):  # every item / the distinct items of one history
+        user = net.user(rows)
+        flat = acf_module._Flat.of(net.history[rows], net.history_mask[rows], split.n_items)
+        mixed, beta = net.component_terms(user, flat)
+        fast = [mixed, flat.content, flat.frames, beta]
+        slow = list(_padded_component_terms(net, user, flat))
+        gradients = []
+        for outputs in (fast, slow):
+            net.zero_grad()
+            probe = sum((o * torch.randn(o.shape, generator=torch.Generator().manual_seed(i), dtype=o.dtype)).sum()
+                        for i, o in enumerate(outputs[:3]) if o is not None and o.numel())
+            probe.backward(retain_graph=True)  # the user vectors are shared
+            gradients.append({n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None})
+        for f, s in zip(fast, slow, strict=True):
+            if f is None:
+                assert s.numel() == 0
+            else:
+                torch.testing.assert_close(f, s)
+        assert gradients[0].keys() == gradients[1].keys()
+        for name, grad in gradients[0].items():
+            torch.testing.assert_close(grad, gradients[1][name], msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_history_keeps_most_recent_items_or_a_seeded_sample(planted):

@@ -309,69 +309,180 @@ class _Flat:
         return per_user.index_select(0, self.rows)
 
 
-# Entries per chunk of the component-attention kernel: its (chunk, max_components, attention_dim)
+# (entry, component) pairs per chunk of the component-attention kernel: its (pairs, attention_dim)
 # temporaries then stay in cache (measured on ML-100K; the unchunked version is memory-bound).
-_MIX_CHUNK = 2048
+_MIX_CHUNK = 16384
+
+
+@dataclass
+class _Bucket:
+    """The history entries whose item has exactly ``k`` real components: dense, without padding.
+
+    The entries are grouped by item (item ``i``'s start at ``starts[i]``), so sums over an item's
+    entries are segment sums; ``parts`` cuts them, between items, into chunks of about
+    ``_MIX_CHUNK`` (entry, component) pairs: ``(first entry, end entry, first item, end item)``.
+    """
+
+    components: torch.Tensor  # (U_k, k) flat component of each real slot of the bucket's items
+    slots: torch.Tensor  # (U_k, k) their slots
+    entries: torch.Tensor  # (n_k,) the entries
+    items: torch.Tensor  # (n_k,) their item's row in ``components`` (nondecreasing)
+    rows: torch.Tensor  # (n_k,) their user row
+    starts: torch.Tensor  # (U_k,) first entry of each item
+    parts: list[tuple[int, int, int, int]]
+
+
+@dataclass
+class _Components:
+    """The real components of a batch's distinct items, flattened, and the entries grouped by how
+    many their item has.
+
+    Component ``c`` is slot ``slot[c]`` of distinct item ``item[c]`` (item-major, so an item's
+    components are contiguous). One :class:`_Bucket` per component count ``k`` (at most ``M``):
+    there every entry has exactly ``k`` components, so component attention runs on dense
+    ``(entries, k, att)`` blocks with no padded slot.
+    """
+
+    item: torch.Tensor  # (C,) index into the distinct items
+    slot: torch.Tensor  # (C,)
+    buckets: list[_Bucket]
+    n_entries: int
+    n_slots: int
+
+    @classmethod
+    def of(cls, slots: torch.Tensor, inverse: torch.Tensor, rows: torch.Tensor) -> _Components:
+        """From ``slots`` ``(U, M)`` (at least one True per item), ``inverse`` and ``rows`` ``(F,)``."""
+        item, slot = slots.nonzero(as_tuple=True)  # row-major: item-major
+        count = slots.sum(dim=1)
+        first = torch.cumsum(count, 0) - count  # (U,) first component of each item
+        by_item = torch.sort(inverse, stable=True).indices  # the entries grouped by item
+        per_entry = count.index_select(0, inverse.index_select(0, by_item))
+        local = torch.empty_like(count)  # each item's row within its bucket
+        buckets = []
+        for k in torch.unique(per_entry).tolist():  # a loop over component counts (<= M), not items
+            members = (count == k).nonzero().squeeze(1)
+            local[members] = torch.arange(members.shape[0], device=count.device)
+            entries = by_item[per_entry == k]
+            items = local.index_select(0, inverse.index_select(0, entries))
+            sizes = torch.bincount(items, minlength=members.shape[0])
+            ends = torch.cumsum(sizes, 0)
+            components = first.index_select(0, members)[:, None] + torch.arange(k, device=count.device)
+            buckets.append(_Bucket(
+                components, slot[components], entries, items, rows.index_select(0, entries),
+                ends - sizes, _cut(ends, max(1, _MIX_CHUNK // k)),
+            ))
+        return cls(item, slot, buckets, inverse.shape[0], slots.shape[1])
+
+
+def _cut(ends: torch.Tensor, step: int) -> list[tuple[int, int, int, int]]:
+    """Chunks of about ``step`` entries ending between items (``ends`` ``(U_k,)``: each item's
+    cumulative entry count): ``(first entry, end entry, first item, end item)``; an item with more
+    entries than ``step`` is a chunk of its own."""
+    total = int(ends[-1])
+    cut_items = torch.searchsorted(ends, torch.arange(step, max(total, step), step, device=ends.device))
+    items = sorted({0, *(cut_items + 1).tolist(), ends.shape[0]})
+    bounds = [0, *ends[torch.tensor(items[1:], dtype=torch.long, device=ends.device) - 1].tolist()]
+    return [
+        (bounds[i], bounds[i + 1], items[i], items[i + 1]) for i in range(len(items) - 1) if bounds[i + 1] > bounds[i]
+    ]
 
 
 class _MixComponents(torch.autograd.Function):
-    """Component attention and mixing of ``F`` history entries, chunked, with a hand-written backward.
+    """Component attention and mixing of ``F`` history entries over their items' real components only,
+    chunked, with a hand-written backward.
 
-    For entry ``f`` (user row ``r_f``, distinct item ``u_f``)::
+    For entry ``f`` (user row ``r_f``, distinct item ``u_f``) and the components ``c`` of ``u_f``::
 
-        beta_f = softmax_m(w . relu(keys[u_f, m] + user_keys[r_f]))   over the valid slots
-        mixed_f = sum_m beta_fm values[u_f, m]
+        beta_fc = softmax_c(w . relu(keys[c] + user_keys[r_f]))
+        mixed_f = sum_c beta_fc values[c]
 
-    Autograd would keep several ``(F, M, att)`` tensors alive; here the forward keeps only
-    ``beta`` and the backward recomputes the pre-activations chunk by chunk.
+    The entries run bucket by bucket of :class:`_Components` (all of a bucket's items have ``k``
+    components), so padded slots cost nothing and every operation is dense; with ``k = 1`` beta
+    is 1 and no attention is computed. ``beta`` is laid back on the ``(F, M)`` slot grid (zero on
+    padded slots). Autograd would keep several ``(pairs, att)`` tensors alive; here the forward
+    keeps only ``beta`` and the backward recomputes the pre-activations chunk by chunk.
 
-    Inputs: ``keys`` ``(U, M, att)``, ``values`` ``(U, M, width)``; ``user_keys`` ``(n, att)``; ``w`` ``(att,)``;
-    ``slots`` ``(U, M)`` bool (at least one True per item); ``inverse``, ``rows`` ``(F,)``.
-    Returns ``mixed`` ``(F, width)`` and ``beta`` ``(F, M)``.
+    Inputs: ``keys`` ``(C, att)``, ``values`` ``(C, width)``; ``user_keys`` ``(n, att)``; ``w`` ``(att,)``;
+    ``layout`` a :class:`_Components`. Returns ``mixed`` ``(F, width)`` and ``beta`` ``(F, M)``.
     """
 
     @staticmethod
-    def forward(ctx, keys, values, user_keys, w, slots, inverse, rows):  # noqa: ANN001, ANN205
-        n_entries, n_slots = inverse.shape[0], keys.shape[1]
-        mixed = values.new_empty((n_entries, values.shape[2]))
-        beta = values.new_empty((n_entries, n_slots))
-        for start in range(0, n_entries, _MIX_CHUNK):
-            part = slice(start, start + _MIX_CHUNK)
-            hidden = _hidden(keys, user_keys, inverse[part], rows[part])
-            logits = (hidden @ w).masked_fill_(~slots.index_select(0, inverse[part]), -torch.inf)
-            # by hand: torch.softmax over a last dim of a few slots is several times slower
-            weights = torch.exp(logits - logits.max(dim=-1, keepdim=True).values)
-            weights /= weights.sum(dim=-1, keepdim=True)
-            beta[part] = weights
-            mixed[part] = (weights[..., None] * values.index_select(0, inverse[part])).sum(dim=1)
-        ctx.save_for_backward(keys, values, user_keys, w, inverse, rows, beta)
+    def forward(ctx, keys, values, user_keys, w, layout):  # noqa: ANN001, ANN205
+        n_slots = layout.n_slots
+        mixed = values.new_empty((layout.n_entries, values.shape[1]))
+        beta = values.new_zeros((layout.n_entries, n_slots))
+        for bucket in layout.buckets:
+            k = bucket.components.shape[1]
+            bucket_keys = keys[bucket.components]  # (U_k, k, att)
+            for first, last, _, _ in bucket.parts:
+                entries, items = bucket.entries[first:last], bucket.items[first:last]
+                if k == 1:
+                    weights = values.new_ones((entries.shape[0], 1))
+                else:
+                    logits = _hidden(bucket_keys, user_keys, items, bucket.rows[first:last]) @ w  # (n, k)
+                    # by hand: torch.softmax over a last dim of a few slots is several times slower
+                    weights = torch.exp(logits - logits.amax(dim=-1, keepdim=True))
+                    weights /= weights.sum(dim=-1, keepdim=True)
+                # fixed-size bags: a fused gather and weighted sum of the components' values
+                mixed.index_copy_(0, entries, F.embedding_bag(
+                    bucket.components.index_select(0, items), values, mode="sum", per_sample_weights=weights
+                ))
+                cells = _cells(entries, bucket.slots.index_select(0, items), n_slots)
+                beta.view(-1).index_copy_(0, cells.view(-1), weights.view(-1))
+        ctx.save_for_backward(keys, values, user_keys, w, beta)
+        ctx.layout = layout
         ctx.mark_non_differentiable(beta)
         return mixed, beta
 
     @staticmethod
     def backward(ctx, grad_mixed, _grad_beta):  # noqa: ANN001, ANN205
-        keys, values, user_keys, w, inverse, rows, beta = ctx.saved_tensors
+        keys, values, user_keys, w, beta = ctx.saved_tensors
+        layout = ctx.layout
         grad_keys, grad_values = torch.zeros_like(keys), torch.zeros_like(values)
         grad_user, grad_w = torch.zeros_like(user_keys), torch.zeros_like(w)
-        for start in range(0, inverse.shape[0], _MIX_CHUNK):
-            part = slice(start, start + _MIX_CHUNK)
-            items, weights, grad = inverse[part], beta[part], grad_mixed[part]
-            grad = grad[:, None, :]
-            grad_values.index_add_(0, items, weights[..., None] * grad)
-            grad_weights = (values.index_select(0, items) * grad).sum(dim=-1)
-            # softmax backward; masked slots have weight 0 and get no gradient
-            grad_logits = weights * (grad_weights - (weights * grad_weights).sum(dim=-1, keepdim=True))
-            hidden = _hidden(keys, user_keys, items, rows[part])
-            grad_w += grad_logits.reshape(-1) @ hidden.reshape(-1, w.shape[0])
-            # relu's backward: zero where the unit was off (hidden = 0 exactly where pre <= 0)
-            grad_pre = torch.ops.aten.threshold_backward(grad_logits[..., None] * w, hidden, 0.0)
-            grad_keys.index_add_(0, items, grad_pre)
-            grad_user.index_add_(0, rows[part], grad_pre.sum(dim=1))
-        return grad_keys, grad_values, grad_user, grad_w, None, None, None
+        grad_mixed = grad_mixed.contiguous()
+        for bucket in layout.buckets:
+            k = bucket.components.shape[1]
+            bucket_keys, bucket_values = keys[bucket.components], values[bucket.components]
+            grad_bucket_keys, grad_bucket_values = torch.zeros_like(bucket_keys), torch.zeros_like(bucket_values)
+            for first, last, item_first, item_last in bucket.parts:
+                entries, items = bucket.entries[first:last], bucket.items[first:last]
+                # an item's entries are contiguous and no item spans two chunks: sums over them are
+                # segment sums (embedding_bag) written straight to the item's rows
+                offsets = bucket.starts[item_first:item_last] - first
+                if k == 1:  # beta is 1 whatever the logit: no gradient reaches the attention
+                    grad_bucket_values[item_first:item_last, 0] = F.embedding_bag(entries, grad_mixed, offsets, mode="sum")
+                    continue
+                every = torch.arange(last - first, device=entries.device)
+                weights = beta.view(-1)[_cells(entries, bucket.slots.index_select(0, items), layout.n_slots)]  # (n, k)
+                grad = grad_mixed.index_select(0, entries)  # (n, width)
+                grad_bucket_values[item_first:item_last] = F.embedding_bag(
+                    every, (weights[..., None] * grad[:, None, :]).flatten(1), offsets, mode="sum"
+                ).view(-1, k, values.shape[1])
+                grad_weights = (bucket_values.index_select(0, items) * grad[:, None, :]).sum(dim=-1)
+                grad_logits = weights * (grad_weights - (weights * grad_weights).sum(dim=-1, keepdim=True))
+                hidden = _hidden(bucket_keys, user_keys, items, bucket.rows[first:last])
+                grad_w += grad_logits.reshape(-1) @ hidden.reshape(-1, w.shape[0])
+                # relu's backward: zero where the unit was off (hidden = 0 exactly where pre <= 0);
+                # the pre-activations' gradient is w times this, applied to the sums below
+                on = torch.ops.aten.threshold_backward(grad_logits[..., None].expand_as(hidden), hidden, 0.0)
+                grad_bucket_keys[item_first:item_last] = F.embedding_bag(
+                    every, on.flatten(1), offsets, mode="sum"
+                ).view(-1, k, keys.shape[1])
+                grad_user.index_add_(0, bucket.rows[first:last], on.sum(dim=1))
+            components = bucket.components.reshape(-1)
+            grad_keys.index_add_(0, components, (grad_bucket_keys * w).reshape(-1, keys.shape[1]))
+            grad_values.index_add_(0, components, grad_bucket_values.reshape(-1, values.shape[1]))
+        return grad_keys, grad_values, grad_user * w, grad_w, None
+
+
+def _cells(entries: torch.Tensor, slots: torch.Tensor, n_slots: int) -> torch.Tensor:
+    """Positions ``(n, k)`` in the flattened ``(F, M)`` grid of entries ``(n,)`` at slots ``(n, k)``."""
+    return entries[:, None] * n_slots + slots
 
 
 def _hidden(keys: torch.Tensor, user_keys: torch.Tensor, items: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """``relu(keys[items] + user_keys[rows])``: ``(c, M, att)``, built in place in one buffer."""
+    """``relu(keys[items] + user_keys[rows])``: ``(n, k, att)``, built in place in one buffer."""
     return keys.index_select(0, items).add_(user_keys.index_select(0, rows)[:, None, :]).clamp_min_(0.0)
 
 
@@ -383,7 +494,10 @@ class _ACFNetwork(nn.Module):
     (``W1v v_l + W1p p_l + b1``, ``W2x x_lm + b2``, ``W1x x_lm``) are computed once per distinct
     history item of the batch and only the user's term is added per entry. Since ``xbar_l``
     enters the score only through ``W1x xbar_l = sum_m beta W1x x_lm``, the components are mixed
-    in attention space (``attention_dim`` wide) rather than in ``dim``.
+    in attention space (``attention_dim`` wide) rather than in ``dim``. The component level never
+    touches a padded slot: the distinct items' real components are flattened once per batch, and
+    each entry attends over its own item's only (:class:`_Components`, :class:`_MixComponents`);
+    ``beta`` is laid back on the ``(entries, max_components)`` slot grid for the callers.
     """
 
     def __init__(
@@ -515,45 +629,55 @@ class _ACFNetwork(nn.Module):
         Items without content have all-zero ``beta`` and ``xbar_l`` = the learned no-content vector.
         With ``content_in_history``, ``W_c xbar_l`` ``(F, dim)`` is mixed by the same beta and
         left in ``flat.content``.
+
+        Only the real components of the batch's distinct items are projected and attended (see
+        :class:`_Components`); an item without content keeps one slot, holding its no-content vector.
         """
-        valid = self.feature_mask[flat.items]  # (U, M)
-        has_content = valid.any(dim=1, keepdim=True)
-        x = self.project(self.features[flat.items])  # (U, M, dim)
-        # A content-less item's slots all hold W1x(no content): any beta over them mixes to exactly
-        # that vector, and with every value equal no gradient reaches the attention weights.
-        values = torch.where(has_content[..., None], self.att_content(x), self.att_content(self.no_content))
+        valid = self.feature_mask.index_select(0, flat.items)  # (U, M)
+        has_content = valid.any(dim=1)
+        slots = valid.clone()
+        slots[:, 0] |= ~has_content
+        layout = _Components.of(slots, flat.inverse, flat.rows)
+        real = has_content.index_select(0, layout.item)[:, None]  # (C, 1)
+        x = self.project(self.features[flat.items.index_select(0, layout.item), layout.slot])  # (C, dim)
+        values = torch.where(real, self.att_content(x), self.att_content(self.no_content))
         att, dim = values.shape[-1], x.shape[-1]
         if self.config.content_in_history:
-            history_content = self.content_history(torch.where(has_content[..., None], x, self.no_content))
+            history_content = self.content_history(torch.where(real, x, self.no_content))
             values = torch.cat([values, history_content], dim=-1)  # one kernel pass mixes all
         if self.config.frame_agreement > 0:
-            values = torch.cat([values, self.frame_codes(flat.items)], dim=-1)
-        slots = valid | ~has_content
+            values = torch.cat([values, self.frame_codes(flat.items)[layout.item, layout.slot]], dim=-1)
         if self.config.component_attention:
             query = user
             if self.config.profile_query:
-                query = user + self.content_profile(x, valid, flat, user.shape[0])
+                query = user + self.content_profile(x, real, layout.item, flat, user.shape[0])
             mixed, beta = _MixComponents.apply(
                 self.comp_component(x), values, self.comp_user(self.scaled(query)),
-                self.comp_out.weight[0] * self.config.attention_lr_scale,
-                slots, flat.inverse, flat.rows,
+                self.comp_out.weight[0] * self.config.attention_lr_scale, layout,
             )
         else:
             # The mean of the components is user-independent: mix once per item.
-            beta = slots / slots.sum(dim=1, keepdim=True)
-            mixed = flat.per_entry(torch.einsum("um,uma->ua", beta, values))
-            beta = flat.per_entry(beta)
+            count = slots.sum(dim=1, keepdim=True)
+            share = (1.0 / count).to(values.dtype)
+            mean = values.new_zeros((count.shape[0], values.shape[1])).index_add_(
+                0, layout.item, values * share.index_select(0, layout.item)
+            )
+            mixed, beta = flat.per_entry(mean), flat.per_entry(slots * share)
         if self.config.frame_agreement > 0:
             codes = _AGREEMENT_CLUSTERS
             mixed, flat.frames = mixed[:, : values.shape[-1] - codes], mixed[:, -codes:]
         if self.config.content_in_history:
             mixed, flat.content = mixed[:, :att], mixed[:, att : att + dim]
-        return mixed, beta * flat.per_entry(has_content)
+        return mixed, beta * flat.per_entry(has_content[:, None])
 
     @staticmethod
-    def content_profile(x: torch.Tensor, valid: torch.Tensor, flat: _Flat, n_rows: int) -> torch.Tensor:
-        """``(n, dim)`` mean over each row's history of its items' mean projected component."""
-        item_mean = (x * valid[..., None]).sum(dim=1) / valid.sum(dim=1, keepdim=True).clamp_min(1)
+    def content_profile(x: torch.Tensor, real: torch.Tensor, item: torch.Tensor, flat: _Flat, n_rows: int) -> torch.Tensor:
+        """``(n, dim)`` mean over each row's history of its items' mean projected component, from the
+        flat components ``x`` ``(C, dim)``, whether they are real ``(C, 1)`` and their items ``(C,)``."""
+        n_items = flat.items.shape[0]
+        total = x.new_zeros((n_items, x.shape[-1])).index_add(0, item, x * real)
+        count = torch.zeros(n_items, dtype=x.dtype, device=x.device).index_add(0, item, real[:, 0].to(x.dtype))
+        item_mean = total / count.clamp_min(1)[:, None]
         total = x.new_zeros((n_rows, x.shape[-1])).index_add(0, flat.rows, flat.per_entry(item_mean))
         count = torch.bincount(flat.rows, minlength=n_rows).clamp_min(1)
         return total / count[:, None]
