@@ -489,6 +489,12 @@ class TorchRecommender(Recommender):
         with training_threads(self.config.num_threads):
             self.history = Trainer(self.config, callbacks=self.callbacks, validator=self._validator()).fit(self, data)
 
+    @property
+    def starts_trained(self) -> bool:
+        """True when ``_build`` returns an already trained module (pre-training): the Trainer then
+        validates it before the first epoch and keeps it if training does not beat it."""
+        return False
+
     def _validator(self) -> Callable[[TorchRecommender, TrainData], float] | None:
         """The early-stopping score ``validator(model, data)`` (higher is better); None: the
         Trainer's default, validation NDCG@``eval_k``."""

@@ -100,7 +100,9 @@ class Trainer:
         """Train ``model.module`` in place; return the per-epoch history.
 
         History entries: ``{epoch, loss, valid_ndcg, seconds, pairs_per_second}`` where
-        ``valid_ndcg`` is None on epochs without validation. With validation, training stops
+        ``valid_ndcg`` is None on epochs without validation. A model that ``starts_trained``
+        (pre-trained) is validated before training too, as epoch 0 (``loss`` None), and kept
+        when no epoch beats it. With validation, training stops
         after ``patience`` evaluations without improvement (``patience <= 0``: never) and the
         best evaluated epoch's weights are restored. With ``checkpoint_dir`` set, a run resumes
         from ``checkpoint_dir/last.pt`` and ends exactly where an uninterrupted run would.
@@ -121,6 +123,16 @@ class Trainer:
         if checkpoint is not None:
             progress = _resume(checkpoint, identity, module, optimizer, sampler, replicas) or progress
         loss_function = replicas.loss_function(model, sampler)
+        if validate and progress.epoch == 0 and model.starts_trained:
+            # A pre-trained start is a candidate too: if training on only lowers the validation
+            # score, the start is kept (recorded as epoch 0 with no loss).
+            start = time.perf_counter()
+            module.eval()
+            score = replicas.from_main(lambda: self.validator(model, data))
+            _track_best(progress, module, 0, score, config.patience)
+            progress.history.append(
+                {"epoch": 0, "loss": None, "valid_ndcg": score, "seconds": time.perf_counter() - start, "pairs_per_second": 0.0}
+            )
 
         while progress.epoch < config.epochs and not progress.stopped:
             epoch = progress.epoch + 1
