@@ -14,9 +14,9 @@ FISM 0.85 s per epoch, ACF without content 1.6-2.5 s, ACF + plots 5.6 s (6.6x FI
 ~10x, while component attention still ran over the padded component slots, 58% of them). Then
 the component kernel was rewritten in fused passes (keeping its hidden units for the backward,
 no beta grid in training) and a batch holding most entries attends every user through a layout
-built once: three interleaved runs each, same machine and load, FISM 0.52-0.68 s, ACF + plots
-4.42 / 4.79 / 4.50 s before, 3.53 / 4.48 / 4.00 s after (5.5-6.9x FISM on that loaded machine);
-the loss and backward alone on fixed batches, 24 batches: median 4.8 s vs 6.2 s.
+built once: seven interleaved runs each on the same (busy) machine, FISM 0.52-0.84 s, ACF +
+plots 4.4-6.4 s (median 5.6) before, 3.5-4.5 s (median 4.1, 5.5-8x FISM) after; the loss and
+backward alone on 24 fixed batches, median 6.2 s vs 4.8 s. ACF without content is unchanged.
 
 ``--planted`` instead prints the planted-catalogue acceptance table (default size, seed 0):
 full-ranking HR@10 / NDCG@10 of ItemPop, BPR-MF, FISM, SVD++, ALS, ACF and its three ablations,
