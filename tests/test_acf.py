@@ -120,6 +120,47 @@ def test_exclusion_of_a_lone_item_leaves_the_user_vector():
     torch.testing.assert_close(fast[0], net.user.weight[0])
 
 
+@pytest.mark.parametrize("options", [{}, {"content_in_history": True, "profile_query": True, "frame_agreement": 1.0}])
+def test_training_over_every_user_matches_the_batch_users(planted, monkeypatch, options):
+    """A batch holding most history entries attends every user through the cached layout of all
+    the histories: same loss and gradients as over its distinct users only; the cache follows
+    the history buffers."""
+    _, split, _, aligned = planted
+    model = _shell(split, aligned, **options)
+    net = model.module
+    net.double()
+    g = torch.Generator().manual_seed(2)
+    users = torch.randint(0, split.n_users, (2000,), generator=g)
+    users[0] = 0  # so that the every-user path is not the distinct users already
+    users = users[users != 1]
+    positives = net.history[users, 0]
+    negatives = torch.randint(0, split.n_items, (users.shape[0], 2), generator=g)
+    results = []
+    for share in (0.0, 2.0):  # every user, then the batch's distinct users only
+        monkeypatch.setattr(acf_module, "_EVERY_USER_SHARE", share)
+        assert (net.batch_users(users)[0].shape[0] == split.n_users) == (share == 0.0)
+        for _ in range(2):  # the second call reuses the cached layout
+            net.zero_grad()
+            loss = model._loss(users, positives, negatives)
+            loss.backward()
+            results.append((loss.detach(), {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}))
+    for loss, grads in results[1:]:
+        torch.testing.assert_close(loss, results[0][0])
+        assert grads.keys() == results[0][1].keys()
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, results[0][1][name])
+    monkeypatch.setattr(acf_module, "_EVERY_USER_SHARE", 0.0)
+    every = torch.arange(split.n_users)
+    before = net.pool(every).numerator_rest
+    with torch.no_grad():  # an in-place change of the histories rebuilds the layout
+        net.history_mask[:, 1:] = False
+    after = net.pool(every)
+    fresh = net.pool_rows(net.user(every), net.history, net.history_mask, net.tables())
+    for field in ("numerator_rest", "square_norm", "denominator_rest"):
+        torch.testing.assert_close(getattr(after, field), getattr(fresh, field))
+    assert not torch.equal(before, after.numerator_rest)
+
+
 def test_chunked_component_attention_matches_autograd(monkeypatch):
     """The hand-written forward/backward of the component level against plain autograd."""
     monkeypatch.setattr(acf_module, "_MIX_CHUNK", 7)  # several chunks, the last one partial
