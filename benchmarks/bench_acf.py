@@ -26,6 +26,9 @@ relative to uniform attention (the acceptance target is >= 2):
     python benchmarks/bench_acf.py --planted [--set pretrain=null lr=0.005] [--catalogue noise=0.5]
     python benchmarks/bench_acf.py --planted --preset sparse --set content_in_history=true \
         profile_query=true frame_agreement=5 scale_attention_inputs=true
+    python benchmarks/bench_acf.py --planted --preset sparse --catalogue n_users=2000 n_items=3000 \
+        --set content_in_history=true profile_query=true frame_agreement=5 scale_attention_inputs=true \
+        content_tower=true tower_training=joint tower_blend=0.5     # ~30 min on one core
 
 (ACF pre-trains on FISM by default; ``--set pretrain=null`` trains it from scratch. ``--preset``
 starts from a named catalogue of :data:`acfrec.datasets.catalogue.PRESETS`, ``--catalogue``
