@@ -972,29 +972,39 @@ class ACF(TorchRecommender):
         """With a content tower: the weighted mean of the validation NDCG with learned item vectors
         and with every item scored from its content (as a cold item is), so the kept checkpoint is
         good at both; the best warm epoch alone often comes before the tower has learned anything."""
-        if not self.config.content_tower or self.config.tower_training == "after":
+        if not self.config.content_tower or self._tower_after:
             return None
         from acfrec.train.trainer import default_validator
 
         def warm_and_content(model: TorchRecommender, data: TrainData) -> float:
-            net = self._net()
             warm = default_validator(model, data)
-            net.content_only = True
-            try:
-                content = default_validator(model, data)
-            finally:
-                net.content_only = False
+            content = self._content_only_validation(model, data)
             logger.debug("ACF validation NDCG: learned items %.4f, content only %.4f", warm, content)
             weight = self.config.tower_validation_weight
             return (1 - weight) * warm + weight * content
 
         return warm_and_content
 
+    @property
+    def _tower_after(self) -> bool:
+        """True when a content tower trains in its own stage after ACF (``tower_training="after"``)."""
+        return self.config.content_tower and self.config.tower_training == "after"
+
+    def _content_only_validation(self, model: TorchRecommender, data: TrainData) -> float:
+        """The validation NDCG with every target item scored from its content, as a cold item is."""
+        from acfrec.train.trainer import default_validator
+
+        net = self._net()
+        net.content_only = True
+        try:
+            return default_validator(model, data)
+        finally:
+            net.content_only = False
+
     def _fit(self, data: TrainData) -> None:
         """ACF's training; with ``tower_training="after"``, then the tower's own stage."""
-        staged = self.config.content_tower and self.config.tower_training == "after"
         super()._fit(data)
-        if staged:
+        if self._tower_after:
             history = self.history
             self._pretrained = False  # the tower's stage starts from an untrained tower
             self._net().tower_mode = "joint"
@@ -1010,7 +1020,6 @@ class ACF(TorchRecommender):
         resumed first stage that trained on changes the fingerprint; older folders are removed).
         """
         from acfrec.train import Trainer
-        from acfrec.train.trainer import default_validator
 
         net = self._net()
         frozen = [param for name, param in net.named_parameters() if not name.startswith("tower.")]
@@ -1025,16 +1034,11 @@ class ACF(TorchRecommender):
         for param in frozen:
             param.requires_grad_(False)
 
-        def content_only(model: TorchRecommender, data: TrainData) -> float:
-            net.content_only = True
-            try:
-                return default_validator(model, data)
-            finally:
-                net.content_only = False
-
         try:
             with training_threads(config.num_threads):
-                self.history = Trainer(config, callbacks=self.callbacks, validator=content_only).fit(self, data)
+                self.history = Trainer(config, callbacks=self.callbacks, validator=self._content_only_validation).fit(
+                    self, data
+                )
         finally:
             for param in frozen:
                 param.requires_grad_(True)
@@ -1050,7 +1054,7 @@ class ACF(TorchRecommender):
             content = content.truncate(self.config.max_components)
             features, feature_mask = content.features.clone(), content.mask.clone()
         network = _ACFNetwork(n_users, n_items, history, mask, self.config, features, feature_mask)
-        if self.config.tower_training == "after":
+        if self._tower_after:
             network.tower_mode = "off"
         self._pretrained = self._pretrain_wanted()
         if self._pretrained:

@@ -126,23 +126,15 @@ class Trainer:
         if validate and progress.epoch == 0 and model.starts_trained:
             # A pre-trained start is a candidate too: if training on only lowers the validation
             # score, the start is kept (recorded as epoch 0 with no loss).
-            start = time.perf_counter()
-            module.eval()
-            score = replicas.from_main(lambda: self.validator(model, data))
-            _track_best(progress, module, 0, score, config.patience)
-            progress.history.append(
-                {"epoch": 0, "loss": None, "valid_ndcg": score, "seconds": time.perf_counter() - start, "pairs_per_second": 0.0}
-            )
+            entry = {"epoch": 0, "loss": None, "valid_ndcg": None, "seconds": 0.0, "pairs_per_second": 0.0}
+            self._validate(model, data, progress, entry, replicas)
+            progress.history.append(entry)
 
         while progress.epoch < config.epochs and not progress.stopped:
             epoch = progress.epoch + 1
             entry = self._train_epoch(model, sampler, optimizer, epoch, loss_function, replicas)
             if validate and epoch % config.eval_every == 0:
-                start = time.perf_counter()
-                module.eval()
-                entry["valid_ndcg"] = replicas.from_main(lambda: self.validator(model, data))
-                entry["seconds"] += time.perf_counter() - start
-                _track_best(progress, module, epoch, entry["valid_ndcg"], config.patience)
+                self._validate(model, data, progress, entry, replicas)
             progress.epoch = epoch
             progress.history.append(entry)
             if checkpoint is not None:
@@ -155,6 +147,17 @@ class Trainer:
         module.eval()
         replicas.barrier()
         return progress.history
+
+    def _validate(
+        self, model: TorchRecommender, data: TrainData, progress: _Progress, entry: dict[str, Any], replicas: Replicas
+    ) -> None:
+        """Score ``model`` on validation into ``entry`` (its seconds included) and track the best state."""
+        assert model.module is not None
+        start = time.perf_counter()
+        model.module.eval()
+        entry["valid_ndcg"] = replicas.from_main(lambda: self.validator(model, data))
+        entry["seconds"] += time.perf_counter() - start
+        _track_best(progress, model.module, entry["epoch"], entry["valid_ndcg"], self.config.patience)
 
     def _train_epoch(
         self,
