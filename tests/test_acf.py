@@ -556,3 +556,28 @@ def test_capped_new_user_history_does_not_depend_on_other_rows(planted, trained)
     assert torch.equal(batch[1], alone[0])
     rows = acf.score_histories(split.train[[5, 6, 7]])
     torch.testing.assert_close(rows[1:2], acf.score_histories(split.train[[6]]))
+
+
+def test_frame_agreement_leaves_the_positive_out_of_its_history():
+    """Against a loop: the mean over the row's other real history entries of codes . target."""
+    from acfrec.models.acf import frame_agreement
+
+    generator = torch.Generator().manual_seed(0)
+    n, length, k = 6, 5, 4
+    codes = torch.rand(n, length, k, generator=generator)
+    history = torch.randint(0, 7, (n, length), generator=generator)
+    mask = torch.rand(n, length, generator=generator) > 0.2
+    mask[0] = False  # an empty history
+    mask[1] = False
+    mask[1, 2] = True  # a history holding the positive alone
+    positives = history[torch.arange(n), torch.randint(0, length, (n,), generator=generator)]
+    positives[1] = history[1, 2]
+    positives[2] = 99  # a positive not in the history
+    target = torch.rand(n, k, generator=generator)
+    expected = torch.zeros(n)
+    for row in range(n):
+        others = [h for h in range(length) if mask[row, h] and history[row, h] != positives[row]]
+        if others:
+            expected[row] = torch.stack([codes[row, h] @ target[row] for h in others]).mean()
+    assert expected[0] == 0 and expected[1] == 0 and bool((expected[2:] > 0).all())
+    torch.testing.assert_close(frame_agreement(codes, history, mask, positives, target), expected)

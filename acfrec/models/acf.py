@@ -158,8 +158,13 @@ class ACFConfig(TorchConfig):
         frame_agreement: weight of an auxiliary loss (an extension; 0 = off) rewarding beta for
             mixing, over the user's history, components of the same k-means cluster (16
             clusters of the raw components, cosine) as the training positive's components:
-            ``-mean_l sum_m beta(i, l, m) share_j(cluster(x_lm))``. Beta then has a first-order,
-            user-specific signal: which frames look like the things this user goes on to take.
+            ``-mean_{l != j} sum_m beta(i, l, m) share_j(cluster(x_lm))``. Beta then has a
+            first-order, user-specific signal: which frames look like the things this user goes on
+            to take. The positive ``j``'s own history entry is left out of the mean (its frames
+            match themselves whatever beta does, a reward for each item's majority cluster that is
+            the same for every user); the "sparse" numbers below were measured before that change,
+            after it (500 users, HR@10 / NDCG@10): seed 0 0.196 / 0.115 (ratio 2.64; was 0.206 /
+            0.121, ratio 2.61, within the noise of 500 test users), seeds 1 and 2 unchanged.
 
     With a content tower trained jointly, early stopping watches a weighted mean of two validation NDCGs: learned
     item vectors, and every item scored from content alone (target ``v_j``, ``b_j`` from the tower, as
@@ -282,8 +287,8 @@ class _Pooled:
     square_norm: torch.Tensor  # (n,) mean |p_l|^2 over the history (the L2 term)
     # (n, history, dim) W_c xbar_l of every history slot (content_in_history), else None
     history_content: torch.Tensor | None = None
-    # (n, D) mean over the history of the beta-mixed unit frame features (frame_agreement), else None
-    frame_profile: torch.Tensor | None = None
+    # (n, history, K) beta-mixed frame-cluster codes of every history slot (frame_agreement), else None
+    frame_codes: torch.Tensor | None = None
 
 
 @dataclass
@@ -878,13 +883,10 @@ class _ACFNetwork(nn.Module):
             ).squeeze(1)
         item_norms = flat.per_entry(F.embedding(flat.items, table).pow(2).sum(dim=1))
         square_norm = torch.zeros_like(shift).index_add(0, flat.rows, item_norms)
-        frame_profile = None
-        if flat.frames is not None:
-            frame_profile = torch.zeros(user.shape[0], flat.frames.shape[1], dtype=user.dtype, device=user.device)
-            frame_profile = frame_profile.index_add(0, flat.rows, flat.frames) / count.clamp_min(1)[:, None]
+        frame_codes = None if flat.frames is None else flat.to_grid(flat.frames, mask.shape, fill=0.0)
         return _Pooled(
             user, history, mask, weights, shift, top_item, top_vector,
-            numerator_rest, rest.sum(dim=1), count, square_norm / count.clamp_min(1), history_content, frame_profile,
+            numerator_rest, rest.sum(dim=1), count, square_norm / count.clamp_min(1), history_content, frame_codes,
         )
 
     def user_vectors(
@@ -1163,8 +1165,8 @@ class ACF(TorchRecommender):
             # learned vectors instead of learning what their content says (cold quality falls).
             weights = sum(p.pow(2).sum() for name, p in net.tower.named_parameters() if name.endswith("weight"))
             loss = loss + self.config.tower_weight_decay * weights
-        if rows.frame_profile is not None:
-            agreement = (rows.frame_profile * net.target_codes(positives)).sum(dim=-1)
+        if rows.frame_codes is not None:
+            agreement = frame_agreement(rows.frame_codes, rows.history, rows.mask, positives, net.target_codes(positives))
             loss = loss - self.config.frame_agreement * agreement.mean()
         return loss
 
@@ -1404,6 +1406,26 @@ def _fit_width(aligned: AlignedComponents, width: int) -> tuple[torch.Tensor, to
         features = F.pad(features, (0, 0, 0, pad))
         mask = F.pad(mask, (0, pad), value=False)
     return features, mask
+
+
+def frame_agreement(
+    codes: torch.Tensor, history: torch.Tensor, mask: torch.Tensor, positives: torch.Tensor, target: torch.Tensor
+) -> torch.Tensor:
+    """``(n,)`` agreement of each row's beta-mixed history frames with its positive's frames.
+
+    Args:
+        codes: ``(n, history, K)`` beta-mixed frame-cluster codes of every history slot.
+        history: ``(n, history)`` item of every slot; ``mask``: ``(n, history)`` real slots.
+        positives: ``(n,)`` the training positive of each row.
+        target: ``(n, K)`` share of the positive's frames in every cluster.
+    Returns:
+        mean over the row's other history entries of ``codes . target`` (0 when there is none).
+    """
+    # The positive's own history entry is left out: its frames match themselves whatever beta
+    # does, which rewarded each item's majority cluster, the same for every user.
+    others = mask & (history != positives[:, None])
+    profile = torch.einsum("nh,nhk->nk", others.to(codes.dtype), codes)
+    return (profile * target).sum(dim=-1) / others.sum(dim=1).clamp_min(1)
 
 
 def _select(pooled: _Pooled, rows: torch.Tensor) -> _Pooled:
