@@ -166,5 +166,35 @@ def test_presets_are_catalogue_arguments_with_overrides():
     small = planted_preset("sparse", n_users=40, n_items=120, seed=2)
     same = planted_catalogue(**{**PRESETS["sparse"], "n_users": 40, "n_items": 120, "seed": 2})
     assert small.interactions.equals(same.interactions) and small.n_items == 120
-    with pytest.raises(DataValidationError, match="unknown planted catalogue preset 'dense'; known: \\['sparse'\\]"):
+    with pytest.raises(DataValidationError, match="unknown planted catalogue preset 'dense'; known: \\['short', 'sparse'\\]"):
         planted_preset("dense")
+
+
+def test_short_preset_needs_a_sharp_taste_inference():
+    """On the "short" preset, ranking by the class most shown in a user's training history (true
+    frame labels) clearly beats summing the class votes of the history, the additive pooling of
+    FISM: what the preset is for. Numpy rankings of the held-out items, no model."""
+    from acfrec.data.interactions import Interactions
+    from acfrec.data.splitting import leave_one_out
+
+    catalogue = planted_preset("short", seed=0)
+    split = leave_one_out(Interactions.from_frame(catalogue.interactions, timestamp_col="timestamp"), seed=0)
+    items = np.array([int(item[1:]) for item in split.items.external_ids])
+    shows = np.zeros((catalogue.n_items, 10))
+    np.add.at(shows, (np.repeat(np.arange(catalogue.n_items), np.diff(catalogue.item_offsets)), catalogue.truth.frame_class), 1)
+    shows = (shows[items] > 0).astype(float)
+    train = split.train.toarray()
+    popularity = np.log1p(train.sum(axis=0))
+    votes = train @ shows  # (users, classes): history items showing each class
+    test, users = split.test_items, np.arange(split.n_users)
+
+    def hit_rate(scores: np.ndarray) -> float:
+        scores = np.where(train > 0, -np.inf, scores)
+        rank = (scores > scores[users, test][:, None]).sum(axis=1)
+        return float((rank < 10).mean())
+
+    inferred = hit_rate(8.0 * shows[:, votes.argmax(axis=1)].T + popularity)
+    additive = hit_rate(votes @ shows.T + popularity)
+    assert inferred > additive + 0.05 and inferred > hit_rate(np.tile(popularity, (split.n_users, 1))) + 0.03, (
+        inferred, additive,
+    )
