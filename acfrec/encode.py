@@ -309,7 +309,8 @@ def _train_and_encode(
     }
     store = ComponentStore.write(out, components.item_ids, (components.matrix, components.offsets), meta=meta)
     run.log_metrics({"n_components": store.matrix.shape[0], "dim": store.dim})
-    log.info("%s: %d items, %d components of dim %d -> %s", name, store.n_items, store.matrix.shape[0], store.dim, out)
+    # debug: `acfrec encode` prints this line (with the held-out figures) itself
+    log.debug("%s: %d items, %d components of dim %d -> %s", name, store.n_items, store.matrix.shape[0], store.dim, out)
     return out
 
 

@@ -50,7 +50,9 @@ def test_encode_images_end_to_end_is_tracked_and_acf_can_align(tmp_path, images_
     argv = ["encode", "--encoder", "darn", "--content", str(images_npz), "--out", str(store_path),
             "--set", *TINY_DARN, "features=codes", *tracking]
     assert main(argv) == 0
-    assert "darn: 24 items, 48 components of dim 8" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "darn: 24 items, 48 components of dim 8" in captured.out
+    assert "components of dim" not in captured.err  # said once, not also by the log
     store = ComponentStore.open(store_path)
     assert store.meta["encoder"] == "darn" and store.meta["encoder_config"]["features"] == "codes"
     assert store.meta["n_heldout_items"] == 2 and np.isfinite(store.meta["heldout"]["nll_is_nats"])
