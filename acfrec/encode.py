@@ -281,21 +281,9 @@ def _train_and_encode(
     from acfrec.data.components import ComponentStore
 
     encoder_dir = Path(encoder_dir) if encoder_dir is not None else out.with_name(f"{out.name}.encoder")
-    encoder = _saved_encoder(encoder_dir, name, config, retrain=retrain) or _new_encoder(name, config)
-    _check_modality(name, encoder.modality, corpus, source)
-    train_items, held_items = holdout_items(corpus.n_items, holdout, encoder.config.seed)
-    run.log_params({"holdout": holdout, "n_heldout_items": int(held_items.size)})
-    run.log_config({"name": name, "trainable": encoder.trainable, **dataclasses.asdict(encoder.config)}, prefix="encoder")
-    if encoder.module is None:
-        _fit(encoder, corpus.subset(train_items), corpus.n_items, checkpoint_dir, run, progress, retrain)
-        encoder.save(encoder_dir)
-    else:
-        log.info("loaded the trained %s encoder from %s", name, encoder_dir)
-        _CurveLogger(run).log_missing(encoder.history)
-    if encoder.stopped_early:
-        run.log_params({"encoder.stopped_early": encoder.stopped_early})
-    figures = encoder.evaluate(corpus.subset(held_items)) if held_items.size else {}
-    run.log_metrics(figures, prefix="heldout")
+    encoder, figures, held_items = trained_encoder(
+        name, corpus, source, config, encoder_dir, checkpoint_dir, run, progress, holdout, retrain
+    )
     components = encoder.encode(corpus)
     meta = {
         "encoder": name,
@@ -312,6 +300,33 @@ def _train_and_encode(
     # debug: `acfrec encode` prints this line (with the held-out figures) itself
     log.debug("%s: %d items, %d components of dim %d -> %s", name, store.n_items, store.matrix.shape[0], store.dim, out)
     return out
+
+
+def trained_encoder(
+    name: str, corpus: Any, source: str, config: dict | None, encoder_dir: Path, checkpoint_dir: str | Path | None,
+    run: Any, progress: bool, holdout: float, retrain: bool,
+) -> tuple[Encoder, dict[str, float], np.ndarray]:
+    """The encoder saved in ``encoder_dir`` with these options, or a new one trained on all but the
+    held-out items and saved there; also its held-out figures and the held-out item indices.
+
+    Shared by the local and the Ray backends (which then only differ in who encodes the items).
+    """
+    encoder = _saved_encoder(encoder_dir, name, config, retrain=retrain) or _new_encoder(name, config)
+    _check_modality(name, encoder.modality, corpus, source)
+    train_items, held_items = holdout_items(corpus.n_items, holdout, encoder.config.seed)
+    run.log_params({"holdout": holdout, "n_heldout_items": int(held_items.size)})
+    run.log_config({"name": name, "trainable": encoder.trainable, **dataclasses.asdict(encoder.config)}, prefix="encoder")
+    if encoder.module is None:
+        _fit(encoder, corpus.subset(train_items), corpus.n_items, checkpoint_dir, run, progress, retrain)
+        encoder.save(encoder_dir)
+    else:
+        log.info("loaded the trained %s encoder from %s", name, encoder_dir)
+        _CurveLogger(run).log_missing(encoder.history)
+    if encoder.stopped_early:
+        run.log_params({"encoder.stopped_early": encoder.stopped_early})
+    figures = encoder.evaluate(corpus.subset(held_items)) if held_items.size else {}
+    run.log_metrics(figures, prefix="heldout")
+    return encoder, figures, held_items
 
 
 def _fit(

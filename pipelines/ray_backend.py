@@ -125,6 +125,7 @@ def encode_on_ray(
     tracker: Any = None,
     progress: bool = True,
     holdout: float = 0.1,
+    retrain: bool = False,
 ) -> Path:
     """:func:`acfrec.encode.encode_to_store` with the encoding of the items sharded over Ray tasks.
 
@@ -143,8 +144,9 @@ def encode_on_ray(
     corpus = encode_module.read_content(content)
     tracker = tracker if tracker is not None else _NullTracker()
     with tracker.run(f"encode {encoder}", tags={"acfrec.command": "encode", "acfrec.encoder": encoder}) as run:
-        trained, figures = _trained_encoder(encoder, corpus, content, encoder_config, encoder_dir, checkpoint_dir, run,
-                                            progress, holdout)
+        trained, figures, held_items = encode_module.trained_encoder(
+            encoder, corpus, str(content), encoder_config, encoder_dir, checkpoint_dir, run, progress, holdout, retrain
+        )
         with ray_session(config) as ray:
             task = ray.remote(_encode_task)
             groups = shards(corpus.n_items, config, ray)
@@ -152,30 +154,12 @@ def encode_on_ray(
             pieces = ray.get([task.remote(str(encoder_dir), corpus.subset(group)) for group in groups])
         meta = {
             "encoder": encoder, "encoder_config": dataclasses.asdict(trained.config), "encoder_dir": str(encoder_dir.resolve()),
-            "content": str(content), "heldout": figures, "holdout": holdout, "backend": "ray",
+            "content": str(content), "heldout": figures, "n_heldout_items": int(held_items.size), "holdout": holdout,
+            "encoder_stopped_early": trained.stopped_early, "backend": "ray",
         }
         _write_store(out, pieces, meta)
         run.log_metrics({"n_components": sum(p.matrix.shape[0] for p in pieces)})
     return out
-
-
-def _trained_encoder(
-    name: str, corpus: Any, content: Path, options: dict[str, Any], encoder_dir: Path, checkpoint_dir: Path | None, run: Any,
-    progress: bool, holdout: float,
-) -> tuple[Any, dict[str, float]]:
-    """The encoder trained as the local backend trains it (same held-out items), and its held-out figures."""
-    from acfrec import encode as encode_module
-
-    trained = encode_module._saved_encoder(encoder_dir, name, options) or encode_module._new_encoder(name, options)
-    encode_module._check_modality(name, trained.modality, corpus, str(content))
-    train_items, held_items = encode_module.holdout_items(corpus.n_items, holdout, trained.config.seed)
-    if trained.module is None:
-        trained.fit(corpus.subset(train_items), checkpoint_dir=checkpoint_dir, callbacks=[run.epoch_callback("train")],
-                    progress=progress)
-        trained.save(encoder_dir)
-    figures = trained.evaluate(corpus.subset(held_items)) if held_items.size else {}
-    run.log_metrics(figures, prefix="heldout")
-    return trained, figures
 
 
 def _write_store(out: Path, pieces: list[Any], meta: dict[str, Any]) -> None:

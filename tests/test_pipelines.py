@@ -304,6 +304,15 @@ def test_encode_on_ray_equals_local(tmp_path: Path, catalogue_files: tuple[Path,
     np.testing.assert_array_equal(local.counts(), ray_store.counts())
     np.testing.assert_array_equal(np.asarray(local.matrix), np.asarray(ray_store.matrix))
     assert local.meta["heldout"] == ray_store.meta["heldout"]
+    assert local.meta["n_heldout_items"] == ray_store.meta["n_heldout_items"]
+    # The saved encoder was trained with other options: an error naming the fix, unless retrain.
+    other = {**DARN_TINY, "seed": 7}
+    with pytest.raises(ConfigError, match="--retrain"):
+        encode_on_ray("darn", content, tmp_path / "ray2", RayConfig(shards=2), encoder_config=other,
+                      encoder_dir=tmp_path / "ray.encoder", progress=False)
+    encode_on_ray("darn", content, tmp_path / "ray2", RayConfig(shards=2), encoder_config=other,
+                  encoder_dir=tmp_path / "ray.encoder", progress=False, retrain=True)
+    assert ComponentStore.open(tmp_path / "ray2").meta["encoder_config"]["seed"] == 7
 
 
 def test_add_items_step_then_topn_recommends_the_new_items(tmp_path: Path, catalogue_files: tuple[Path, Path]):
