@@ -126,7 +126,7 @@ def test_training_over_every_user_matches_the_batch_users(planted, monkeypatch, 
     the histories: same loss and gradients as over its distinct users only; the cache follows
     the history buffers."""
     _, split, _, aligned = planted
-    model = _shell(split, aligned, **options)
+    model = _shell(split, aligned, history_sample=None, **options)  # a sample is drawn per batch
     net = model.module
     net.double()
     g = torch.Generator().manual_seed(2)
@@ -159,6 +159,95 @@ def test_training_over_every_user_matches_the_batch_users(planted, monkeypatch, 
     for field in ("numerator_rest", "square_norm", "denominator_rest"):
         torch.testing.assert_close(getattr(after, field), getattr(fresh, field))
     assert not torch.equal(before, after.numerator_rest)
+
+
+
+def _sample_of(net, users: torch.Tensor, pooled) -> torch.Tensor:
+    """``(n, H)`` bool: which slots of each user's full history the sample in ``pooled`` holds."""
+    full, full_mask = net.history[users], net.history_mask[users]
+    same = (pooled.history[:, :, None] == full[:, None, :]) & pooled.mask[:, :, None] & full_mask[:, None, :]
+    return same.any(dim=1)
+
+
+@pytest.mark.parametrize("options", [{"history_smoothing": 0.5}, {"history_smoothing": 1.0, "content_in_history": True}])
+def test_sampled_history_removes_the_positive_exactly(planted, options):
+    """With ``history_sample``, the positive leaves the sample exactly (when drawn) and both sums
+    are rescaled by (full length / sample length) after the exclusion: brute force on the sample."""
+    _, split, _, aligned = planted
+    model = _shell(split, aligned, history_sample=6, **options)
+    net = model.module
+    rng = np.random.default_rng(3)
+    users = torch.as_tensor(rng.choice(split.n_users, size=64, replace=False))
+    torch.manual_seed(11)
+    with torch.no_grad():
+        pooled = net.pool(users, sample=True)
+        assert pooled.full_count is not None and int(pooled.mask.sum(dim=1).max()) == 6
+        in_sample = _sample_of(net, users, pooled)
+        assert torch.equal(in_sample.sum(dim=1), pooled.mask.sum(dim=1))
+        full_mask = net.history_mask[users]
+        lengths = full_mask.sum(dim=1)
+        assert (lengths > 6).sum() > 30
+        # one target from the sample, one from outside it (when the history has one), one at random
+        drawn = net.history[users, torch.multinomial(in_sample.double(), 1).squeeze(1)]
+        outside = in_sample.logical_not() & full_mask
+        not_drawn = net.history[users, torch.multinomial((outside | ~outside.any(1, keepdim=True)).double(), 1).squeeze(1)]
+        anything = torch.randint(0, split.n_items, users.shape)  # in the history or not
+        rows = torch.arange(3 * users.shape[0]) % users.shape[0]
+        positives = torch.cat([drawn, not_drawn, anything])
+        fast = net.user_vectors(_select(pooled, rows), exclude=positives)
+        logits, user, beta = net.attend(users)
+    smoothing = model.config.history_smoothing
+    history = net.history[users][rows]
+    kept = in_sample[rows] & (history != positives[:, None])
+    full = (full_mask[rows] & (history != positives[:, None])).sum(dim=1)
+    ratio = full / kept.sum(dim=1)
+    weights = torch.where(kept, torch.exp(logits[rows]), torch.zeros(()))
+    vectors = net.history_item(history)
+    if model.config.content_in_history:
+        vectors = vectors + _history_content(net, history, beta[rows])
+    slow = user[rows] + ratio[:, None] * torch.einsum("nh,nhd->nd", weights, vectors) / (
+        ratio * weights.sum(dim=1)
+    )[:, None] ** smoothing
+    assert (outside.any(dim=1) & (lengths > 6)).sum() > 30  # the second target really was outside the sample
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
+
+
+def test_sampled_history_estimates_the_full_sums(planted):
+    """Uniform attention (item attention off), smoothing 0.5: the user vector is ``u + sum p /
+    n^0.5``, and the rescaled sample gives it on average; a sample at least as long as every
+    history trains exactly as the whole history."""
+    _, split, _, aligned = planted
+    model = _shell(split, None, use_content=False, item_attention=False, history_sample=4)
+    net = model.module
+    users = torch.arange(40)
+    with torch.no_grad():
+        full = net.user_vectors(net.pool(users))
+        draws = torch.stack([net.user_vectors(net.pool(users, sample=True)) for _ in range(2000)])
+    spread = draws.std(dim=0) / 2000**0.5
+    assert (draws[0] - full).abs().max() > 10 * spread.max()  # one draw is not the full history
+    assert ((draws.mean(dim=0) - full).abs() <= 5 * spread + 1e-7).all()
+
+    losses = []
+    for sample in (None, int(net.history.shape[1])):
+        fitted = ACF(components=aligned, **{**FAST, "epochs": 2, "history_sample": sample}).fit(split)
+        assert not fitted.module.samples_history()
+        losses.append([entry["loss"] for entry in fitted.history])
+    assert losses[0] == losses[1]
+
+
+def test_history_sample_repeats_with_the_seed_and_rejects_bad_values(planted):
+    _, split, _, aligned = planted
+    runs = [
+        ACF(components=aligned, **{**FAST, "epochs": 2, "history_sample": 5, "seed": seed}).fit(split)
+        for seed in (0, 0, 1)
+    ]
+    assert runs[0].module.samples_history()
+    losses = [[entry["loss"] for entry in run.history] for run in runs]
+    assert losses[0] == losses[1] and losses[0] != losses[2]
+    torch.testing.assert_close(runs[0].score_all([0, 1]), runs[1].score_all([0, 1]), rtol=0, atol=0)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="history_sample must be None"):
+            ACF(components=aligned, **{**FAST, "history_sample": bad}).fit(split)
 
 
 def test_chunked_component_attention_matches_autograd(monkeypatch):
