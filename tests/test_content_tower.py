@@ -139,6 +139,15 @@ def test_tower_trained_after_acf_leaves_warm_scores_exactly_as_without_a_tower(
     assert stages[-1] == "tower" and stages.count("acf") == len(plain.history)
 
 
+def test_the_tower_stage_has_its_own_epochs_and_patience(cold: ColdSplit, store: ComponentStore) -> None:
+    options = dict(TOWER, pretrain=None, epochs=3, patience=0, components_path=str(store.path))
+    capped = get_model("acf")(**dict(options, tower_epochs=1)).fit(cold.warm)
+    stages = [entry.get("stage", "acf") for entry in capped.history]
+    assert stages.count("tower") == 1 and stages.count("acf") >= 1
+    longer = get_model("acf")(**dict(options, tower_epochs=4, tower_patience=10)).fit(cold.warm)
+    assert [entry.get("stage", "acf") for entry in longer.history].count("tower") == 4
+
+
 def test_a_jointly_trained_tower_ranks_cold_items_by_taste(
     cold: ColdSplit, store: ComponentStore, catalogue: Catalogue, tmp_path: Path
 ) -> None:
@@ -193,7 +202,8 @@ def test_add_items_errors(warm_model: Recommender, cold: ColdSplit, store: Compo
     with pytest.raises(DataValidationError, match="content_tower=True needs components"):
         get_model("acf")(content_tower=True, dim=8, epochs=1, progress=False, pretrain=None).fit(cold.warm)
     for option in ({"tower_dropout": 1.5}, {"tower_blend": -0.1}, {"tower_hidden": 0}, {"tower_validation_weight": 2.0},
-                   {"frame_agreement": -1.0}, {"tower_training": "later"}):
+                   {"frame_agreement": -1.0}, {"tower_training": "later"}, {"tower_epochs": 0},
+                   {"tower_patience": -1}, {"tower_epochs": 1.5}):
         with pytest.raises(ValueError, match=next(iter(option))):
             get_model("acf")(components_path=str(store.path), **dict(TOWER, **option)).fit(cold.warm)
 

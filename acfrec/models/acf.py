@@ -151,6 +151,10 @@ class ACFConfig(TorchConfig):
             validation NDCG in the early-stopping score (below); lower keeps more of the warm
             items' quality.
 
+        tower_epochs, tower_patience: the maximum epochs and the early-stopping patience of the
+            tower's own stage (``tower_training="after"``); None: ACF's ``epochs`` / ``patience``.
+            The content-only validation NDCG that stage watches is noisy: on ML-100K with plot
+            sentences, ACF's patience of 10 let it run long (most of an 18-minute fit).
         tower_training: ``"after"`` (default): two stages. First ACF alone (the tower unused;
             early stopping on the warm validation NDCG), then the tower alone with everything
             else frozen, DropoutNet-style (so its items compete with learned ones), early
@@ -284,6 +288,8 @@ class ACFConfig(TorchConfig):
     frame_agreement: float = 0.0
     profile_query: bool = False
     tower_training: str = "after"
+    tower_epochs: int | None = None
+    tower_patience: int | None = None
 
 
 @dataclass
@@ -1106,7 +1112,11 @@ class ACF(TorchRecommender):
 
         net = self._net()
         frozen = [param for name, param in net.named_parameters() if not name.startswith("tower.")]
-        config = self.config
+        config = dataclasses.replace(
+            self.config,
+            epochs=self.config.epochs if self.config.tower_epochs is None else self.config.tower_epochs,
+            patience=self.config.patience if self.config.tower_patience is None else self.config.tower_patience,
+        )
         if config.checkpoint_dir is not None:
             stamp = fingerprint_arrays(*(param.detach().cpu().numpy() for param in frozen))
             folder = Path(config.checkpoint_dir) / f"tower-{stamp}"
@@ -1477,6 +1487,10 @@ def _check_tower_options(config: ACFConfig) -> None:
         raise ValueError(f"tower_training must be 'joint' or 'after', got {config.tower_training!r}")
     if config.frame_agreement < 0:
         raise ValueError(f"frame_agreement must be >= 0 (a loss weight), got {config.frame_agreement}")
+    for name, low in (("tower_epochs", 1), ("tower_patience", 0)):
+        value = getattr(config, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            raise ValueError(f"{name} must be None (ACF's own) or an int >= {low}, got {value!r}")
     if config.tower_hidden < 1 or config.tower_weight_decay < 0:
         raise ValueError(
             f"tower_hidden must be >= 1 and tower_weight_decay >= 0, got {config.tower_hidden} and {config.tower_weight_decay}"
