@@ -1,0 +1,170 @@
+"""How much each attention level could gain on a planted catalogue: rankings built from its truth.
+
+ACF's two attention levels do two things a model with uniform pooling (FISM, ACF's ablations)
+cannot: component attention keeps, in each history item, the frames of the user's taste instead of
+all of them; item attention keeps the history items that say something about the taste instead
+of content-blind clicks. This script ranks every user's held-out item with hand-made scorers that
+do each of these perfectly or not at all, from the catalogue's ground truth, so one can see
+whether a catalogue leaves room for a learned model to show either level before training one.
+
+Every scorer ranks ``votes(user) . shows(item) + log(1 + training popularity)``, where
+``shows(item)`` marks the classes an item's frames show and ``votes(user)`` counts classes over
+the user's training history:
+
+* ``uniform items, all frames``: each history item adds the share of its frames in every class
+  (FISM-like pooling of content, both attention levels off);
+* ``clicks removed``: the same without the content-blind clicks (perfect item attention: the
+  generator's own flags, which no model can fully know);
+* ``sharp frames``: each history item adds one class, the one of its classes shown most by the
+  user's *other* history items (component attention queried by the rest of the history);
+* ``sharp frames, consistent items``: as above, each item weighted by ``exp(5 x`` that class's
+  support among the other items``)`` (item attention from content alone, attainable);
+* ``sharp frames, clicks removed``: both levels perfect.
+
+Plus the generator's own ranking (liked classes shown, then popularity), popularity, and the
+class most shown in the history. Meant for ``preference_by="shown"`` catalogues (the presets):
+there the generator's ranking is exactly that. The votes are counts, so on long histories they
+outweigh popularity more than a learned model would let them. ``--labels kmeans:K`` replaces the true frame classes by K k-means
+clusters of the pixel-PCA frame features (the library's 16-cluster code of ``frame_agreement``
+uses the same routine): what the scorers can do from the pixels, not the labels.
+
+    python benchmarks/bench_planted_headroom.py --preset short [--catalogue interactions_per_user=[6,12]]
+        [--seed 0] [--labels true|kmeans:16]
+
+Measured (seed 0, HR@10 / NDCG@10, full ranking; ``short``: 3,000 users x 300 items, 4-8 items
+per user): uniform 0.227 / 0.132, clicks removed 0.242 / 0.143, sharp frames 0.242 / 0.143,
+consistent items 0.264 / 0.160, both perfect 0.293 / 0.176. With 6-12 items per user: uniform
+0.206 / 0.118, sharp frames 0.237 / 0.133, consistent items 0.290 / 0.173, both perfect 0.316 /
+0.190: both levels have room there. ``sparse`` (500 users x 1,500 items): uniform 0.104 / 0.054,
+sharp frames 0.182 / 0.099, consistent items 0.212 / 0.132 (the generator's ranking), where ACF
+with its attention options reached 0.196-0.206 at seed 0. With k-means clusters of the pixels in place of the labels
+(purity 0.68 / 0.85 / 0.91 for 10 / 16 / 32 clusters), the ``short`` rows fall to 0.16-0.22: on
+these 8x8 digit frames the pixels do not tell the classes apart well enough for a sharp reading.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+
+def class_of_frames(catalogue, labels: str) -> tuple[np.ndarray, int, float]:
+    """``(n_frames,)`` class (or cluster) of every frame, the number of classes and the purity."""
+    truth = catalogue.truth
+    if labels == "true":
+        return truth.frame_class, int(truth.user_classes.shape[1]), 1.0
+    if not labels.startswith("kmeans:"):
+        raise SystemExit(f"--labels must be 'true' or 'kmeans:K', got {labels!r}")
+    import torch
+
+    from acfrec.models.acf import _cluster_codes
+
+    k = int(labels.split(":", 1)[1])
+    features, _ = catalogue.frame_features(32)
+    codes = _cluster_codes(torch.as_tensor(features)[:, None, :], torch.ones(len(features), 1, dtype=torch.bool), k, 0)
+    cluster = codes[:, 0].argmax(dim=-1).numpy()
+    counts = np.zeros((k, truth.frame_class.max() + 1))
+    np.add.at(counts, (cluster, truth.frame_class), 1)
+    return cluster, k, float(counts.max(axis=1).sum() / cluster.size)
+
+
+def history_pairs(split, catalogue) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The training (user, item) pairs in split indices and whether each was a content-blind click."""
+    train = split.train.tocoo()
+    users, items = train.row.astype(np.int64), train.col.astype(np.int64)
+    user_source = np.array([int(u[1:]) for u in split.users.external_ids])
+    item_source = np.array([int(i[1:]) for i in split.items.external_ids])
+    frame = catalogue.interactions
+    key = np.char.add(np.char.add(frame["user"].to_numpy().astype(str), "|"), frame["item"].to_numpy().astype(str))
+    clicks = set(key[catalogue.truth.noise].tolist())
+    pair_key = np.char.add(np.char.add(np.char.add("u", user_source[users].astype(str)), "|i"), item_source[items].astype(str))
+    return users, items, np.isin(pair_key, list(clicks))
+
+
+def scorers(split, catalogue, frame_class: np.ndarray, n_classes: int) -> dict[str, np.ndarray]:
+    """Name -> ``(n_users, n_items)`` scores."""
+    item_source = np.array([int(i[1:]) for i in split.items.external_ids])
+    user_source = np.array([int(u[1:]) for u in split.users.external_ids])
+    frame_item = np.repeat(np.arange(catalogue.n_items), np.diff(catalogue.item_offsets))
+    counts = np.zeros((catalogue.n_items, n_classes))
+    np.add.at(counts, (frame_item, frame_class), 1)
+    shows = (counts > 0).astype(float)[item_source]  # (items, classes)
+    share = (counts / counts.sum(axis=1, keepdims=True))[item_source]
+    users, items, clicked = history_pairs(split, catalogue)
+    popularity = np.log1p(np.bincount(items, minlength=split.n_items))
+    n_users = split.n_users
+
+    def pooled(per_pair: np.ndarray, keep: np.ndarray) -> np.ndarray:
+        votes = np.zeros((n_users, n_classes))
+        np.add.at(votes, users[keep], per_pair[keep])
+        return votes
+
+    def sharp(keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per pair: one-hot of the item's class best supported by the user's other kept history
+        items ``(pairs, classes)``, and that support ``(pairs,)``."""
+        votes = pooled(shows[items], keep)
+        support = (votes[users] - shows[items] * keep[:, None]) * shows[items]
+        pick = np.argmax(support + 1e-6 * shows[items], axis=1)
+        return np.eye(n_classes)[pick], support[np.arange(users.size), pick]
+
+    everything = np.ones(users.size, dtype=bool)
+    votes = pooled(shows[items], everything)
+    one_class, support = sharp(everything)
+    weighted = pooled(one_class * np.exp(5.0 * support)[:, None], everything)
+    weighted *= (np.bincount(users, minlength=n_users) / np.maximum(weighted.sum(axis=1), 1e-12))[:, None]
+
+    liked = catalogue.truth.affinity[user_source][:, item_source] > 0
+    results = {
+        "generator (liked class shown, popularity)": 8.0 * liked,
+        "popularity": np.zeros((n_users, split.n_items)),
+        "class most shown in the history": 8.0 * shows[:, votes.argmax(axis=1)].T,
+        "uniform items, all frames": pooled(share[items], everything) @ shows.T,
+        "clicks removed, all frames": pooled(share[items], ~clicked) @ shows.T,
+        "uniform items, sharp frames": pooled(one_class, everything) @ shows.T,
+        "consistent items, sharp frames": weighted @ shows.T,
+        "clicks removed, sharp frames": pooled(sharp(~clicked)[0], ~clicked) @ shows.T,
+    }
+    return {name: scores + popularity[None, :] for name, scores in results.items()}
+
+
+def main() -> None:
+    import torch
+    import yaml
+
+    from acfrec.data.interactions import Interactions
+    from acfrec.data.splitting import leave_one_out
+    from acfrec.datasets.catalogue import planted_catalogue, planted_preset
+    from acfrec.eval.evaluate import evaluate
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", help="a named planted catalogue (acfrec.datasets.catalogue.PRESETS)")
+    parser.add_argument("--catalogue", nargs="+", default=[], metavar="KEY=VALUE", help="catalogue arguments (YAML values)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--labels", default="true", help="'true' frame classes or 'kmeans:K' clusters of the pixels")
+    args = parser.parse_args()
+    options = {k: yaml.safe_load(v) for k, v in (pair.split("=", 1) for pair in args.catalogue)}
+    options["seed"] = args.seed
+    catalogue = planted_preset(args.preset, **options) if args.preset else planted_catalogue(**options)
+    split = leave_one_out(Interactions.from_frame(catalogue.interactions, timestamp_col="timestamp"), seed=0)
+    frame_class, n_classes, purity = class_of_frames(catalogue, args.labels)
+
+    class Scores:  # what evaluate() needs of a model
+        n_users, n_items = split.n_users, split.n_items
+
+        def __init__(self, scores: np.ndarray) -> None:
+            self.scores = scores
+
+        def score_all(self, users: np.ndarray) -> torch.Tensor:
+            return torch.as_tensor(self.scores[users], dtype=torch.float32)
+
+    print(f"{args.preset or 'default'} catalogue {options}: {split.n_users} users, {split.n_items} items, "
+          f"{split.train.nnz} training interactions; frame labels {args.labels} (purity {purity:.2f})")
+    print(f"{'scorer':<44}{'HR@10':>8}{'NDCG@10':>9}")
+    for name, scores in scorers(split, catalogue, frame_class, n_classes).items():
+        metrics = evaluate(Scores(scores), split, protocols=("full",), ks=(10,)).metrics["full"]
+        print(f"{name:<44}{metrics['HR@10']:>8.3f}{metrics['NDCG@10']:>9.3f}")
+
+
+if __name__ == "__main__":
+    main()
