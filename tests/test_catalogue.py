@@ -198,3 +198,22 @@ def test_short_preset_needs_a_sharp_taste_inference():
     assert inferred > additive + 0.05 and inferred > hit_rate(np.tile(popularity, (split.n_users, 1))) + 0.03, (
         inferred, additive,
     )
+
+
+def test_typical_frames_draw_each_class_from_its_most_typical_images():
+    images, labels = load_digits_images()
+    catalogue = planted_catalogue(n_users=20, n_items=200, seed=1, typical_frames=3)
+    used = catalogue.truth.frame_image
+    for digit in range(10):
+        drawn = np.unique(used[catalogue.truth.frame_class == digit])
+        assert 1 <= drawn.size <= 3 and (labels[drawn] == digit).all()
+        # the drawn images are the class's closest to its mean image
+        members = np.flatnonzero(labels == digit)
+        flat = images[members].reshape(members.size, -1).astype(float)
+        distance = ((flat - flat.mean(axis=0)) ** 2).sum(axis=1)
+        assert set(drawn) <= set(members[np.argsort(distance)[:3]])
+    plain = planted_catalogue(n_users=20, n_items=200, seed=1)
+    assert plain.interactions.equals(catalogue.interactions)  # only the frames' images differ
+    assert np.unique(plain.truth.frame_image).size > 30
+    with pytest.raises(DataValidationError, match="typical_frames must be None or an int >= 1, got 0"):
+        planted_catalogue(n_users=5, n_items=40, typical_frames=0)
