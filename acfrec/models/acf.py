@@ -877,24 +877,24 @@ class _ACFNetwork(nn.Module):
         sample = self.config.history_sample
         return sample is not None and sample < self.history.shape[1]
 
-    def sample_history(self, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample_history(self, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A uniform sample without replacement of at most ``history_sample`` entries of each
         history of ``users`` ``(n,)``: ``history`` ``(n, K)`` and ``mask`` ``(n, K)`` (a history
-        of ``K`` entries or fewer is kept whole). The draws come from torch's global generator,
-        which the Trainer seeds with ``config.seed``."""
+        of ``K`` entries or fewer is kept whole), and each full history's length ``(n,)``. The
+        draws come from torch's global generator, which the Trainer seeds with ``config.seed``."""
         mask = self.history_mask.index_select(0, users)
         keys = torch.rand(mask.shape, device=mask.device).masked_fill_(~mask, 2.0)  # padding last
         # the K smallest keys: a uniform sample of each history (in random order; the sums do
         # not depend on it)
         slots = keys.topk(self.config.history_sample, dim=1, largest=False, sorted=False).indices
-        return self.history.index_select(0, users).gather(1, slots), mask.gather(1, slots)
+        return self.history.index_select(0, users).gather(1, slots), mask.gather(1, slots), mask.sum(dim=1)
 
     def in_history(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """``(n,)`` bool: whether ``items[r]`` is in the (capped) history of ``users[r]``, by a
         binary search in the sorted ``user * n + item`` keys of every history entry (cached, keyed
         on the history buffers): no pass over the ``(n, max_history)`` grid."""
         n = int(self.history_item.num_embeddings)  # items are below it
-        key = (n, *((b.data_ptr(), b._version, b.shape) for b in (self.history, self.history_mask)))
+        key = _buffers_key(n, self.history, self.history_mask)
         cached = getattr(self, "_history_keys", None)
         if cached is None or cached[0] != key:
             rows, cols = self.history_mask.nonzero(as_tuple=True)
@@ -914,9 +914,9 @@ class _ACFNetwork(nn.Module):
         :meth:`sample_history` and :meth:`user_vectors` rescales them to estimate the full ones."""
         tables = self.tables() if tables is None else tables
         if sample and self.samples_history():
-            history, mask = self.sample_history(users)
+            history, mask, full_count = self.sample_history(users)
             pooled = self.pool_rows(self.user(users), history, mask, tables)
-            pooled.users, pooled.full_count = users, self.history_mask.sum(dim=1).index_select(0, users)
+            pooled.users, pooled.full_count = users, full_count
             return pooled
         n_users, flat = self.history.shape[0], None
         if users.shape[0] == n_users and n_users > 0 and bool((users[1:] > users[:-1]).all()) and int(users[0]) == 0:
@@ -928,7 +928,7 @@ class _ACFNetwork(nn.Module):
         keyed on the buffers it derives from (their identity and in-place version) and ``n_items``;
         each call returns a fresh :class:`_Flat` sharing the layout tensors."""
         buffers = [self.history, self.history_mask] + ([self.feature_mask] if self.has_content else [])
-        key = (n_items, *((b.data_ptr(), b._version, b.shape) for b in buffers))
+        key = _buffers_key(n_items, *buffers)
         cached = getattr(self, "_every_flat", None)
         if cached is None or cached[0] != key:
             cached = key, _Flat.of(self.history, self.history_mask, n_items)
@@ -1541,6 +1541,12 @@ def frame_agreement(
     others = mask & (history != positives[:, None])
     profile = torch.einsum("nh,nhk->nk", others.to(codes.dtype), codes)
     return (profile * target).sum(dim=-1) / others.sum(dim=1).clamp_min(1)
+
+
+def _buffers_key(size: int, *buffers: torch.Tensor) -> tuple:
+    """Cache key of something derived from ``buffers`` (and a catalogue ``size``): their identity,
+    in-place version and shape, so an appended item or a replaced history invalidates it."""
+    return (size, *((b.data_ptr(), b._version, b.shape) for b in buffers))
 
 
 def _select(pooled: _Pooled, rows: torch.Tensor) -> _Pooled:
