@@ -285,7 +285,20 @@ def _train_and_encode(
         name, corpus, source, config, encoder_dir, checkpoint_dir, run, progress, holdout, retrain
     )
     components = encoder.encode(corpus)
-    meta = {
+    meta = store_meta(name, encoder, encoder_dir, source, figures, held_items, holdout)
+    store = ComponentStore.write(out, components.item_ids, (components.matrix, components.offsets), meta=meta)
+    run.log_metrics({"n_components": store.matrix.shape[0], "dim": store.dim})
+    # debug: `acfrec encode` prints this line (with the held-out figures) itself
+    log.debug("%s: %d items, %d components of dim %d -> %s", name, store.n_items, store.matrix.shape[0], store.dim, out)
+    return out
+
+
+def store_meta(
+    name: str, encoder: Encoder, encoder_dir: Path, source: str, figures: dict[str, float], held_items: np.ndarray,
+    holdout: float,
+) -> dict[str, Any]:
+    """The component store's metadata of an encoder's run (both backends write it)."""
+    return {
         "encoder": name,
         "encoder_config": dataclasses.asdict(encoder.config),
         "encoder_dir": str(encoder_dir.resolve()),
@@ -295,11 +308,6 @@ def _train_and_encode(
         "holdout": holdout,
         "encoder_stopped_early": encoder.stopped_early,
     }
-    store = ComponentStore.write(out, components.item_ids, (components.matrix, components.offsets), meta=meta)
-    run.log_metrics({"n_components": store.matrix.shape[0], "dim": store.dim})
-    # debug: `acfrec encode` prints this line (with the held-out figures) itself
-    log.debug("%s: %d items, %d components of dim %d -> %s", name, store.n_items, store.matrix.shape[0], store.dim, out)
-    return out
 
 
 def trained_encoder(

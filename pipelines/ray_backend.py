@@ -12,7 +12,6 @@ output and a rerun resumes from the parts already written whichever backend wrot
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -153,9 +152,8 @@ def encode_on_ray(
             log.info("  encoding %d items on Ray in %d tasks", corpus.n_items, len(groups))
             pieces = ray.get([task.remote(str(encoder_dir), corpus.subset(group)) for group in groups])
         meta = {
-            "encoder": encoder, "encoder_config": dataclasses.asdict(trained.config), "encoder_dir": str(encoder_dir.resolve()),
-            "content": str(content), "heldout": figures, "n_heldout_items": int(held_items.size), "holdout": holdout,
-            "encoder_stopped_early": trained.stopped_early, "backend": "ray",
+            **encode_module.store_meta(encoder, trained, encoder_dir, str(content), figures, held_items, holdout),
+            "backend": "ray",
         }
         _write_store(out, pieces, meta)
         run.log_metrics({"n_components": sum(p.matrix.shape[0] for p in pieces)})
