@@ -72,29 +72,30 @@ def class_of_frames(catalogue, labels: str) -> tuple[np.ndarray, int, float]:
     return cluster, k, float(counts.max(axis=1).sum() / cluster.size)
 
 
-def history_pairs(split, catalogue) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def source_index(ids) -> np.ndarray:
+    """The generator's dense index of external ids ``u{k}`` / ``i{k}``."""
+    return np.array([int(external[1:]) for external in ids])
+
+
+def history_pairs(split, catalogue, user_source: np.ndarray, item_source: np.ndarray) -> tuple[np.ndarray, ...]:
     """The training (user, item) pairs in split indices and whether each was a content-blind click."""
     train = split.train.tocoo()
     users, items = train.row.astype(np.int64), train.col.astype(np.int64)
-    user_source = np.array([int(u[1:]) for u in split.users.external_ids])
-    item_source = np.array([int(i[1:]) for i in split.items.external_ids])
     frame = catalogue.interactions
-    key = np.char.add(np.char.add(frame["user"].to_numpy().astype(str), "|"), frame["item"].to_numpy().astype(str))
-    clicks = set(key[catalogue.truth.noise].tolist())
-    pair_key = np.char.add(np.char.add(np.char.add("u", user_source[users].astype(str)), "|i"), item_source[items].astype(str))
-    return users, items, np.isin(pair_key, list(clicks))
+    clicks = np.zeros((catalogue.truth.user_classes.shape[0], catalogue.n_items), dtype=bool)
+    clicks[source_index(frame["user"]), source_index(frame["item"])] = catalogue.truth.noise
+    return users, items, clicks[user_source[users], item_source[items]]
 
 
 def scorers(split, catalogue, frame_class: np.ndarray, n_classes: int) -> dict[str, np.ndarray]:
     """Name -> ``(n_users, n_items)`` scores."""
-    item_source = np.array([int(i[1:]) for i in split.items.external_ids])
-    user_source = np.array([int(u[1:]) for u in split.users.external_ids])
+    item_source, user_source = source_index(split.items.external_ids), source_index(split.users.external_ids)
     frame_item = np.repeat(np.arange(catalogue.n_items), np.diff(catalogue.item_offsets))
     counts = np.zeros((catalogue.n_items, n_classes))
     np.add.at(counts, (frame_item, frame_class), 1)
     shows = (counts > 0).astype(float)[item_source]  # (items, classes)
     share = (counts / counts.sum(axis=1, keepdims=True))[item_source]
-    users, items, clicked = history_pairs(split, catalogue)
+    users, items, clicked = history_pairs(split, catalogue, user_source, item_source)
     popularity = np.log1p(np.bincount(items, minlength=split.n_items))
     n_users = split.n_users
 
