@@ -26,12 +26,16 @@ met at the median, not in every run. ML-100K quality: see ``ACFConfig.history_sa
 
 ``--planted`` instead prints the planted-catalogue acceptance table (default size, seed 0):
 full-ranking HR@10 / NDCG@10 of ItemPop, BPR-MF, FISM, SVD++, ALS, ACF and its three ablations,
-and how much of the component attention lands on the frames of the user's liked classes,
-relative to uniform attention (the acceptance target is >= 2):
+how much of the component attention lands on the frames of the user's liked classes, relative to
+uniform attention (the acceptance target is >= 2), and how much item attention gives the
+content-blind clicks relative to the chosen items (``Catalogue.click_weight_ratio``; 1 = uniform):
 
     python benchmarks/bench_acf.py --planted [--set pretrain=null lr=0.005] [--catalogue noise=0.5]
     python benchmarks/bench_acf.py --planted --preset sparse --set content_in_history=true \
         profile_query=true frame_agreement=5 scale_attention_inputs=true
+    python benchmarks/bench_acf.py --planted --preset legible --set user_embedding=false \
+        history_smoothing=1 pretrain=null lr=0.005 content_in_history=true profile_query=true \
+        frame_agreement=5 scale_attention_inputs=true
     python benchmarks/bench_acf.py --planted --preset sparse --catalogue n_users=2000 n_items=3000 \
         --set content_in_history=true profile_query=true frame_agreement=5 scale_attention_inputs=true \
         content_tower=true tower_training=joint tower_blend=0.5     # ~30 min on one core
@@ -126,27 +130,6 @@ ABLATIONS: dict[str, dict] = {
 }
 
 
-def liked_frame_ratio(model, catalogue, split) -> float:
-    """Beta mass on the frames of the user's liked classes / the share uniform attention gives them.
-
-    Over the history items (of the test users) that show a liked class at all.
-    """
-    import numpy as np
-
-    users = split.eval_users("test")
-    attention = model.attention(users)
-    history, beta = attention["history"], attention["beta"]
-    store_item = np.array([int(x[1:]) for x in split.items.external_ids])[np.maximum(history, 0)]
-    external_user = np.array([int(x[1:]) for x in split.users.external_ids])[users]
-    count = np.minimum(np.diff(catalogue.item_offsets)[store_item], beta.shape[2])
-    slots = np.arange(beta.shape[2])
-    frames = np.where((slots < count[..., None]) & (history >= 0)[..., None],
-                      catalogue.item_offsets[store_item][..., None] + slots, -1)
-    liked = catalogue.truth.liked_frames(external_user, frames)
-    shown = (history >= 0) & liked.any(axis=-1)
-    return float((beta * liked).sum(-1)[shown].mean() / (liked.sum(-1) / np.maximum(count, 1))[shown].mean())
-
-
 def planted_table(acf_options: dict, catalogue_options: dict | None = None, preset: str | None = None) -> None:
     import tempfile
 
@@ -169,12 +152,19 @@ def planted_table(acf_options: dict, catalogue_options: dict | None = None, pres
         models[label] = get_model("acf")(components=aligned, progress=False, **{**acf_options, **options})
     print(f"planted catalogue {preset or ''} {catalogue_options}: {split.n_users} users, {split.n_items} items, {split.train.nnz} training "
           f"interactions; ACF options {acf_options}")
-    print(f"{'model':<32}{'HR@10':>8}{'NDCG@10':>9}{'liked-frame beta / uniform':>28}")
+    print(f"{'model':<32}{'HR@10':>8}{'NDCG@10':>9}{'liked frames':>14}{'clicks':>8}")
+    users = split.eval_users("test")
     for label, model in models.items():
         metrics = evaluate(model.fit(split), split, protocols=("full",), ks=(10,)).metrics["full"]
-        content = label.startswith("acf") and model.module.has_content
-        ratio = f"{liked_frame_ratio(model, catalogue, split):>28.2f}" if content else f"{'-':>28}"
-        print(f"{label:<32}{metrics['HR@10']:>8.3f}{metrics['NDCG@10']:>9.3f}{ratio}", flush=True)
+        frames = clicks = "-"
+        if label.startswith("acf"):
+            attention = model.attention(users)
+            clicks = f"{catalogue.click_weight_ratio(split, users, attention):.2f}"
+            if "beta" in attention:
+                frames = f"{catalogue.liked_frame_ratio(split, users, attention):.2f}"
+        print(f"{label:<32}{metrics['HR@10']:>8.3f}{metrics['NDCG@10']:>9.3f}{frames:>14}{clicks:>8}", flush=True)
+    print("liked frames: component attention's mass on the liked frames / uniform's; clicks: item attention's "
+          "weight on content-blind clicks / on chosen items (1 = uniform)")
 
 
 def main() -> None:

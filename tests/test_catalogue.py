@@ -217,3 +217,72 @@ def test_typical_frames_draw_each_class_from_its_most_typical_images():
     assert np.unique(plain.truth.frame_image).size > 30
     with pytest.raises(DataValidationError, match="typical_frames must be None or an int >= 1, got 0"):
         planted_catalogue(n_users=5, n_items=40, typical_frames=0)
+
+
+def _uniform_attention(catalogue, split, width: int = 6) -> tuple[np.ndarray, dict]:
+    """Test users' training histories (dense ids, -1 padding) with uniform alpha and beta."""
+    users = split.eval_users("test")
+    train = split.train.tocsr()[users]
+    lengths = np.diff(train.indptr)
+    history = np.full((users.size, lengths.max()), -1, dtype=np.int64)
+    rows = np.repeat(np.arange(users.size), lengths)
+    history[rows, np.arange(train.nnz) - np.repeat(train.indptr[:-1], lengths)] = train.indices
+    item = np.array([int(x[1:]) for x in split.items.external_ids])[np.maximum(history, 0)]
+    count = np.minimum(np.diff(catalogue.item_offsets)[item], width)
+    beta = (np.arange(width) < count[..., None]) / count[..., None] * (history >= 0)[..., None]
+    alpha = (history >= 0) / lengths[:, None]
+    return users, {"history": history, "alpha": alpha, "beta": beta}
+
+
+def _truth_by_loop(catalogue, split, users, history, width):
+    """Per entry: is it a content-blind click, and which of its first ``width`` frames are liked."""
+    frame = catalogue.interactions
+    clicks = set(zip(frame["user"].filter(pl.Series(catalogue.truth.noise)).to_list(),
+                     frame["item"].filter(pl.Series(catalogue.truth.noise)).to_list(), strict=True))
+    is_click = np.zeros(history.shape, dtype=bool)
+    liked = np.zeros((*history.shape, width), dtype=bool)
+    for row, user in enumerate(users):
+        external_user = split.users.external_ids[user]
+        liked_classes = catalogue.truth.user_classes[int(external_user[1:])]
+        for col, dense_item in enumerate(history[row]):
+            if dense_item < 0:
+                continue
+            external_item = split.items.external_ids[dense_item]
+            is_click[row, col] = (external_user, external_item) in clicks
+            start, end = catalogue.item_offsets[int(external_item[1:])], catalogue.item_offsets[int(external_item[1:]) + 1]
+            frame_classes = catalogue.truth.frame_class[start:end][:width]
+            liked[row, col, : frame_classes.size] = liked_classes[frame_classes]
+    return is_click, liked
+
+
+def test_attention_ratios_against_the_truth(catalogue):
+    from acfrec.data.interactions import Interactions
+    from acfrec.data.splitting import leave_one_out
+
+    split = leave_one_out(Interactions.from_frame(catalogue.interactions, timestamp_col="timestamp"), seed=0)
+    users, uniform = _uniform_attention(catalogue, split)
+    assert catalogue.liked_frame_ratio(split, users, uniform) == pytest.approx(1.0)
+    assert catalogue.click_weight_ratio(split, users, uniform) == pytest.approx(1.0)
+    is_click, liked = _truth_by_loop(catalogue, split, users, uniform["history"], width=6)
+    assert is_click.any() and (liked.any(axis=-1) & ~is_click).any()
+    # beta on the liked frames only: 1 / (mean liked share of the items that show a liked class)
+    shown = liked.any(axis=-1)
+    sharp = {**uniform, "beta": np.where(shown[..., None], liked / np.maximum(liked.sum(-1, keepdims=True), 1), uniform["beta"])}
+    share = (liked.sum(-1) / np.maximum((uniform["beta"] > 0).sum(-1), 1))[shown]
+    assert catalogue.liked_frame_ratio(split, users, sharp) == pytest.approx(1.0 / share.mean())
+    # alpha halved on the clicks, whatever each user's normalisation
+    halved = {**uniform, "alpha": uniform["alpha"] * np.where(is_click, 0.5, 1.0)}
+    assert catalogue.click_weight_ratio(split, users, halved) == pytest.approx(0.5)
+    ignored = {**uniform, "alpha": uniform["alpha"] * ~is_click}
+    assert catalogue.click_weight_ratio(split, users, ignored) == 0.0
+
+
+def test_attention_ratios_need_something_to_weigh():
+    from acfrec.data.interactions import Interactions
+    from acfrec.data.splitting import leave_one_out
+
+    clean = planted_catalogue(n_users=60, n_items=150, noise=0.0, seed=1)
+    split = leave_one_out(Interactions.from_frame(clean.interactions, timestamp_col="timestamp"), seed=0)
+    users, uniform = _uniform_attention(clean, split)
+    with pytest.raises(DataValidationError, match="both content-blind clicks and chosen items"):
+        clean.click_weight_ratio(split, users, uniform)
