@@ -331,14 +331,20 @@ def make_split(data: DataConfig, catalogue: Catalogue | None = None) -> Split:
 
 
 def planted_catalogue_of(data: DataConfig) -> Catalogue | None:
-    """The planted image catalogue ``data.planted`` asks for with ``generator: catalogue``, else None."""
+    """The planted image catalogue ``data.planted`` asks for with ``generator: catalogue``, else None.
+
+    ``preset: NAME`` starts from :data:`acfrec.datasets.catalogue.PRESETS` (the other keys override it).
+    """
     if not data.planted or data.planted.get("generator") != "catalogue":
         return None
-    from acfrec.datasets.catalogue import planted_catalogue
+    from acfrec.datasets.catalogue import planted_catalogue, planted_preset
 
-    options = {key: value for key, value in data.planted.items() if key != "generator"}
+    options = {key: value for key, value in data.planted.items() if key not in ("generator", "preset")}
+    options = {"seed": data.seed, **options}
     try:
-        return planted_catalogue(**{"seed": data.seed, **options})
+        if "preset" in data.planted:
+            return planted_preset(str(data.planted["preset"]), **options)
+        return planted_catalogue(**options)
     except TypeError as error:
         raise ConfigError(f"data.planted (generator: catalogue): {error}") from None
 

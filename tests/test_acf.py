@@ -550,7 +550,7 @@ def test_acf_beats_itempop_on_the_planted_catalogue(full_ranking):
     "but item attention does not help (off: 0.179 / 0.111), and such a catalogue is too slow for a test. "
     "On the 'legible' preset ACF without a user vector wins with component attention mattering "
     "(test_acf_beats_the_baselines_where_the_frames_are_legible); item attention there discounts the "
-    "content-blind clicks (0.84x a chosen item's weight) but does not lift the ranking",
+    "content-blind clicks (their share of alpha is 0.81x their share of the history) but does not lift the ranking",
 )
 def test_acf_beats_fism_on_the_planted_catalogue(full_ranking):
     acf, fism = full_ranking["acf"], full_ranking["fism"]
@@ -578,7 +578,7 @@ def test_acf_beats_the_baselines_where_the_frames_are_legible(legible):
     0.252 / 0.157, BPR-MF 0.231 / 0.141, ACF without component attention 0.260 / 0.156; at seed 0
     the margins are thinner (ACF 0.263 / 0.156, best baseline SVD++ 0.258 / 0.149). Item attention
     does not lift the ranking here (off: 0.277 / 0.171), so that is not asserted; it does give the
-    content-blind clicks less weight than the chosen items (click weight ratio 0.84, 1 = uniform;
+    content-blind clicks less weight than the chosen items (click weight ratio 0.81, 1 = uniform;
     component attention's liked-frame ratio 2.50)."""
     catalogue, split, aligned = legible
 

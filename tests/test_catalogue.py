@@ -270,9 +270,14 @@ def test_attention_ratios_against_the_truth(catalogue):
     sharp = {**uniform, "beta": np.where(shown[..., None], liked / np.maximum(liked.sum(-1, keepdims=True), 1), uniform["beta"])}
     share = (liked.sum(-1) / np.maximum((uniform["beta"] > 0).sum(-1), 1))[shown]
     assert catalogue.liked_frame_ratio(split, users, sharp) == pytest.approx(1.0 / share.mean())
-    # alpha halved on the clicks, whatever each user's normalisation
+    # alpha halved on the clicks: per user (c clicks of n entries) the clicks' share is
+    # 0.5 c / (0.5 c + n - c) instead of c / n
     halved = {**uniform, "alpha": uniform["alpha"] * np.where(is_click, 0.5, 1.0)}
-    assert catalogue.click_weight_ratio(split, users, halved) == pytest.approx(0.5)
+    clicks, entries = is_click.sum(axis=1), (uniform["history"] >= 0).sum(axis=1)
+    both = (clicks > 0) & (clicks < entries)
+    expected = (0.5 * entries / (0.5 * clicks + entries - clicks))[both].mean()
+    assert catalogue.click_weight_ratio(split, users, halved) == pytest.approx(expected)
+    assert catalogue.click_weight_ratio(split, users, {**uniform, "alpha": uniform["alpha"] * 7.0}) == pytest.approx(1.0)
     ignored = {**uniform, "alpha": uniform["alpha"] * ~is_click}
     assert catalogue.click_weight_ratio(split, users, ignored) == 0.0
 

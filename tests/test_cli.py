@@ -299,3 +299,10 @@ def test_demo_names_a_bad_catalogue_option(tmp_path: Path, capsys: pytest.Captur
     assert main(argv) == 2
     error = one_line_error(capsys)
     assert "data.planted (generator: catalogue)" in error and "'frames'" in error
+
+
+def test_demo_names_an_unknown_catalogue_preset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["demo", "--small", "--out", str(tmp_path / "d"), "--no-track", "--set", "data.planted.preset=dense"]
+    assert main(argv) == 2
+    error = one_line_error(capsys)
+    assert "unknown planted catalogue preset 'dense'" in error and "'legible'" in error
