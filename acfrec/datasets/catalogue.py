@@ -22,6 +22,7 @@ import numpy as np
 import polars as pl
 
 from acfrec.errors import DataValidationError
+from acfrec.utils import is_int_at_least
 
 if TYPE_CHECKING:
     from acfrec.data.components import ComponentStore
@@ -132,12 +133,14 @@ class Catalogue:
         return float((beta * liked).sum(-1)[shown].mean() / uniform)
 
     def click_weight_ratio(self, split: Split, users: np.ndarray, attention: dict[str, np.ndarray]) -> float:
-        """Item attention's weight on a content-blind click / its weight on a chosen item.
+        """Item attention's share on content-blind clicks / their share of the history.
 
-        Per user whose history holds both (mean alpha over its clicks / mean alpha over its chosen
-        items), then averaged over those users; per user, so it does not depend on how ``alpha``
-        is normalised. 1.0 for uniform attention, 0 when the clicks are ignored. Measures whether
-        item attention finds the history entries that say nothing about the user's taste.
+        Per user whose history holds both clicks and chosen items (the clicks' share of the
+        user's alpha, divided by their share of the history entries), then averaged over those
+        users; per user, so it does not depend on how ``alpha`` is normalised, and bounded (a
+        user whose attention collapses onto one entry counts once, as 0 or as ``n / n_clicks``).
+        1.0 for uniform attention, 0 when the clicks are ignored. Measures whether item attention
+        finds the history entries that say nothing about the user's taste.
 
         Args:
             split, users: as in :meth:`liked_frame_ratio`.
@@ -156,9 +159,10 @@ class Catalogue:
         both = is_click.any(axis=1) & chosen.any(axis=1)
         if not both.any():
             raise DataValidationError("no history of these users holds both content-blind clicks and chosen items")
-        on_clicks = np.where(is_click, alpha, 0.0).sum(axis=1) / np.maximum(is_click.sum(axis=1), 1)
-        on_chosen = np.where(chosen, alpha, 0.0).sum(axis=1) / np.maximum(chosen.sum(axis=1), 1)
-        return float((on_clicks[both] / on_chosen[both]).mean())
+        total = np.where(real, alpha, 0.0).sum(axis=1)
+        alpha_share = np.where(is_click, alpha, 0.0).sum(axis=1) / np.where(total > 0, total, 1.0)
+        entry_share = is_click.sum(axis=1) / np.maximum(real.sum(axis=1), 1)
+        return float((alpha_share[both] / entry_share[both]).mean())
 
     def _click_keys(self, n_items: int) -> np.ndarray:
         """Sorted ``user * n_items + item`` (generator indices) of every content-blind click."""
@@ -259,8 +263,8 @@ PRESETS: dict[str, dict[str, object]] = {
     # frame_agreement=5, input scaling) 0.263 / 0.156 and 0.282 / 0.174, its component attention
     # off 0.248 / 0.148 and 0.260 / 0.156, its item attention off 0.270 / 0.157 and 0.277 / 0.171.
     # Where its attention goes (seed 0 / 1): 2.41 / 2.50x the uniform weight on the liked frames
-    # (Catalogue.liked_frame_ratio); a content-blind click gets 0.84x a chosen item's alpha at
-    # seed 1 (Catalogue.click_weight_ratio): item attention finds the clicks, but with clicks
+    # (Catalogue.liked_frame_ratio); the content-blind clicks get 0.81x their uniform share of
+    # alpha at seed 1 (Catalogue.click_weight_ratio): item attention finds the clicks, but with clicks
     # uniform over the catalogue, discounting them does not move the ranking (README).
     "legible": {
         "n_users": 3000, "n_items": 300, "interactions_per_user": (6, 12), "noise": 0.3,
@@ -339,7 +343,7 @@ def planted_catalogue(
     )
     if click_popularity < 0:
         raise DataValidationError(f"click_popularity must be >= 0, got {click_popularity}")
-    if typical_frames is not None and (isinstance(typical_frames, bool) or not isinstance(typical_frames, int) or typical_frames < 1):
+    if typical_frames is not None and not is_int_at_least(typical_frames, 1):
         raise DataValidationError(f"typical_frames must be None or an int >= 1, got {typical_frames!r}")
     if preference_by not in ("share", "shown"):
         raise DataValidationError(f"preference_by must be 'share' or 'shown', got {preference_by!r}")
