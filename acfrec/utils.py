@@ -94,3 +94,12 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def is_int_at_least(value: object, low: int) -> bool:
+    """Whether ``value`` is a Python or numpy integer (not a bool) of at least ``low``.
+
+    Options such as an epoch count or a sample size take ints only: ``True`` would pass an
+    ``isinstance(value, int)`` check as 1, and a float such as 2.5 would be truncated silently.
+    """
+    return not isinstance(value, bool) and isinstance(value, (int, np.integer)) and value >= low
