@@ -163,6 +163,11 @@ class ACFConfig(TorchConfig):
             either way, 0.1379 / 0.0720); adding ``history_smoothing=1`` gave 0.1230 / 0.0617 and
             0.1029 / 0.0517, and the whole "legible" recipe (also no pre-training, lr 0.005) 0.1071
             / 0.0524 and 0.1145 / 0.0593, against FISM's 0.1336 / 0.0726 and 0.1039 / 0.0517.
+            Without ``u_i`` and without content, item attention has no user-specific input: its
+            logits are per-item scores, and on "legible" (seed 0) it collapsed onto one history
+            item per user (smallest alpha ~1e-35; 0.231 / 0.136, below FISM). A profile query for
+            the item level (``u_i`` replaced by the mean ``p_l`` of the history) did not help:
+            0.241 / 0.140 without content, and ACF with content fell to 0.255 / 0.154 (seed 0).
         tower_epochs, tower_patience: the maximum epochs and the early-stopping patience of the
             tower's own stage (``tower_training="after"``); None: ACF's ``epochs`` / ``patience``.
             The content-only validation NDCG that stage watches is noisy: on ML-100K with plot
