@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -166,7 +167,7 @@ def test_presets_are_catalogue_arguments_with_overrides():
     small = planted_preset("sparse", n_users=40, n_items=120, seed=2)
     same = planted_catalogue(**{**PRESETS["sparse"], "n_users": 40, "n_items": 120, "seed": 2})
     assert small.interactions.equals(same.interactions) and small.n_items == 120
-    with pytest.raises(DataValidationError, match="unknown planted catalogue preset 'dense'; known: \\['legible', 'short', 'sparse'\\]"):
+    with pytest.raises(DataValidationError, match="unknown planted catalogue preset 'dense'; known: \\['drifting', 'legible', 'short', 'sparse'\\]"):
         planted_preset("dense")
 
 
@@ -291,3 +292,108 @@ def test_attention_ratios_need_something_to_weigh():
     users, uniform = _uniform_attention(clean, split)
     with pytest.raises(DataValidationError, match="both content-blind clicks and chosen items"):
         clean.click_weight_ratio(split, users, uniform)
+
+
+def _digest(catalogue) -> str:
+    """Hash of the interactions, the frames and the click flags."""
+    digest = hashlib.sha256()
+    frame = catalogue.interactions
+    for column in ("user", "item"):
+        digest.update("\n".join(frame[column].to_list()).encode())
+    digest.update(frame["timestamp"].to_numpy().astype(np.int64).tobytes())
+    digest.update(np.ascontiguousarray(catalogue.frames).tobytes())
+    digest.update(catalogue.truth.noise.astype(np.uint8).tobytes())
+    return digest.hexdigest()[:16]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "expected"),
+    [
+        ({"n_users": 60, "n_items": 80, "seed": 3}, "c3994c6bb612b148"),
+        (
+            {
+                "n_users": 50, "n_items": 100, "seed": 1, "classes_per_user": 2, "noise": 0.4,
+                "click_popularity": 0.0, "preference_by": "shown", "typical_frames": 5,
+                "interactions_per_user": (4, 9),
+            },
+            "1c260f5fa0c02102",
+        ),
+    ],
+)
+def test_no_drift_gives_the_catalogue_generated_before_drift_existed(arguments, expected):
+    """The digests were computed by the generator before ``past_interest`` was added."""
+    catalogue = planted_catalogue(**arguments)
+    assert _digest(catalogue) == expected
+    assert _digest(planted_catalogue(**arguments, past_interest=0.0)) == expected
+    assert not catalogue.truth.past.any() and not catalogue.truth.past_classes.any()
+    assert catalogue.truth.past.shape == catalogue.truth.noise.shape
+
+
+def _drifting(**overrides):
+    arguments = {
+        "n_users": 400, "n_items": 120, "seed": 5, "interactions_per_user": (8, 16), "noise": 0.25,
+        "preference_by": "shown", "preference_strength": 12.0, "past_interest": 0.4, **overrides,
+    }
+    return planted_catalogue(**arguments)
+
+
+def test_past_choices_come_first_and_show_the_past_class():
+    catalogue = _drifting()
+    truth = catalogue.truth
+    users, items = _dense(catalogue)
+    # One past class per user, never a liked one.
+    assert truth.past_classes.sum(axis=1).tolist() == [1] * 400
+    assert not (truth.past_classes & truth.user_classes).any()
+    assert catalogue.interactions.select(pl.struct("user", "item").is_unique().all()).item()
+    assert not (truth.past & truth.noise).any()
+    # Ignoring the clicks, every user's past choices precede the current ones.
+    choice = ~truth.noise
+    past, user = truth.past[choice], users[choice]
+    later_current = (~past[:-1] & past[1:]) & (user[:-1] == user[1:])
+    assert not later_current.any() and past.any() and (~past).any()
+    # Clicks fall anywhere: some precede a past choice, some follow every choice.
+    first_past = np.full(400, np.iinfo(np.int64).max)
+    np.minimum.at(first_past, users[truth.past], np.flatnonzero(truth.past))
+    assert (np.flatnonzero(truth.noise) < first_past[users[truth.noise]]).any()
+    counts = np.bincount(users, minlength=400)
+    assert truth.noise[np.cumsum(counts) - 1].any()
+    # Past choices show the past class (and rarely a liked one); current choices a liked class.
+    shows = np.zeros((catalogue.n_items, 10), dtype=bool)
+    shows[np.repeat(np.arange(catalogue.n_items), np.diff(catalogue.item_offsets)), truth.frame_class] = True
+    assert (shows[items] & truth.past_classes[users]).any(axis=1)[truth.past].mean() > 0.98
+    current = choice & ~truth.past
+    assert (shows[items] & truth.user_classes[users]).any(axis=1)[current].mean() > 0.98
+    # Timestamps still increase along each history.
+    same_user = users[1:] == users[:-1]
+    assert (np.diff(catalogue.interactions["timestamp"].to_numpy())[same_user] > 0).all()
+
+
+def test_share_of_past_choices_follows_past_interest():
+    for past_interest in (0.2, 0.6):
+        truth = _drifting(n_users=1000, past_interest=past_interest, preference_strength=8.0).truth
+        assert truth.past[~truth.noise].mean() == pytest.approx(past_interest, abs=0.02)
+        assert truth.noise.mean() == pytest.approx(0.25, abs=0.02)
+
+
+def test_drift_leaves_items_frames_and_users_as_they_were():
+    plain, drifting = _drifting(past_interest=0.0), _drifting()
+    np.testing.assert_array_equal(plain.frames, drifting.frames)
+    np.testing.assert_array_equal(plain.truth.user_classes, drifting.truth.user_classes)
+    np.testing.assert_array_equal(_dense(plain)[0], _dense(drifting)[0])  # same history lengths
+
+
+def test_drifting_preset_holds_out_a_current_choice():
+    catalogue = planted_preset("drifting", seed=0)
+    truth = catalogue.truth
+    users, _ = _dense(catalogue)
+    counts = np.bincount(users)
+    assert counts.min() >= 8 and counts.max() <= 16 and counts.size == 3000
+    assert truth.past[~truth.noise].mean() == pytest.approx(0.4, abs=0.02)
+    # The newest interaction (held out under leave-one-out by time) is never a past choice.
+    assert not truth.past[np.cumsum(counts) - 1].any()
+
+
+def test_bad_past_interest_is_named():
+    for value in (-0.1, 1.0, float("nan")):
+        with pytest.raises(DataValidationError, match="past_interest must be in \\[0, 1\\), got"):
+            planted_catalogue(n_users=10, n_items=40, past_interest=value)

@@ -43,6 +43,10 @@ class CatalogueTruth:
         affinity: ``(n_users, n_items)`` float64 share of the item's frames in a liked class.
         noise: ``(n_interactions,)`` bool, True for popularity clicks (drawn from item
             popularity alone), aligned with the rows of :attr:`Catalogue.interactions`.
+        past_classes: ``(n_users, n_classes)`` bool, True for the user's past class (one per
+            user, not liked now; all False when the catalogue has no interest drift).
+        past: ``(n_interactions,)`` bool, True for preference choices made for the past class,
+            aligned like :attr:`noise`.
     """
 
     frame_class: np.ndarray
@@ -51,6 +55,9 @@ class CatalogueTruth:
     user_classes: np.ndarray
     affinity: np.ndarray
     noise: np.ndarray
+    # Last and with defaults, so that positional constructions without drift keep working.
+    past_classes: np.ndarray | None = None
+    past: np.ndarray | None = None
 
     def liked_frames(self, users: np.ndarray, frames: np.ndarray) -> np.ndarray:
         """Whether each frame's class is liked by its user; ``frames`` may hold -1 padding (False).
@@ -270,6 +277,16 @@ PRESETS: dict[str, dict[str, object]] = {
         "n_users": 3000, "n_items": 300, "interactions_per_user": (6, 12), "noise": 0.3,
         "click_popularity": 0.0, "preference_by": "shown", "typical_frames": 10,
     },
+    # "legible" with drifting tastes: 40% of a user's preference choices were made for a past
+    # class (one the user no longer likes) and come first in the history, before the current
+    # choices; content-blind clicks (20%) sit anywhere. Under leave-one-out by time the held-out
+    # item follows the current interest, while a share of the history shows the past one: which
+    # history items still speak for the user is what item-level attention is for. Measured
+    # numbers are in the ACF docs.
+    "drifting": {
+        "n_users": 3000, "n_items": 300, "interactions_per_user": (8, 16), "noise": 0.2,
+        "click_popularity": 0.0, "preference_by": "shown", "typical_frames": 10, "past_interest": 0.4,
+    },
 }
 
 
@@ -296,6 +313,7 @@ def planted_catalogue(
     click_popularity: float = 1.0,
     preference_by: str = "share",
     typical_frames: int | None = None,
+    past_interest: float = 0.0,
 ) -> Catalogue:
     """Generate a seeded catalogue of digit "videos" and planted-preference interactions.
 
@@ -304,7 +322,9 @@ def planted_catalogue(
     interactions are of two kinds: *preference* choices (Gumbel top-k on
     ``preference_strength * (share of the item's frames in a liked class) + popularity``) and
     *popularity clicks*
-    (a ``noise`` share drawn from item popularity alone, blind to content). Which history items
+    (a ``noise`` share drawn from item popularity alone, blind to content). With
+    ``past_interest`` > 0 tastes drift: some preference choices were made for a past class and
+    come first in the user's history. Which history items
     say something about the user's next choice, and which of their frames say why, therefore
     depends on the user and the content.
 
@@ -332,6 +352,14 @@ def planted_catalogue(
             digits, 16 k-means clusters of the pixel-PCA features match the classes with purity
             0.85 over all images (``bench_planted_headroom.py``), too blurred a reading of a
             user's taste for attention to show.
+        past_interest: interest drift, in [0, 1). Every user also has one past class, drawn
+            uniformly among the classes the user does not like, and each preference choice (not
+            the clicks) is, with this probability, a past choice: drawn by the same rule
+            (``preference_by``, ``preference_strength``, popularity) with the past class as the
+            only liked class, among the items not chosen otherwise. The past choices are the
+            oldest of the user's choices, then come the current ones (each group in random
+            order); the clicks fall anywhere on the timeline. 0 (no drift) gives exactly the
+            catalogue generated without this argument.
     Returns:
         :class:`Catalogue`; the same arguments give the same catalogue.
     """
@@ -339,7 +367,7 @@ def planted_catalogue(
         images = load_digits_images()
     pixels, labels = _check_catalogue_args(
         images, n_users, n_items, n_classes, frames_per_item, classes_per_user, classes_per_item,
-        interactions_per_user, noise,
+        interactions_per_user, noise, past_interest,
     )
     if click_popularity < 0:
         raise DataValidationError(f"click_popularity must be >= 0, got {click_popularity}")
@@ -368,11 +396,24 @@ def planted_catalogue(
     popularity = -popularity_skew * np.log1p(rng.permutation(n_items))
     liking = affinity if preference_by == "share" else (affinity > 0).astype(np.float64)
     preference = preference_strength * liking + popularity
-    items, is_noise = _choose_items(rng, preference, click_popularity * popularity, counts, noise)
+    past_classes = np.zeros_like(user_classes)
+    drift = None
+    if past_interest > 0:
+        # Its own generator, so that the draws of `rng` (and so the catalogue without drift) stay
+        # as they were. Liked classes get key -1: the argmax is uniform over the others.
+        drift_rng = np.random.default_rng([seed, 1])
+        past_class = np.where(user_classes, -1.0, drift_rng.random((n_users, n_classes))).argmax(axis=1)
+        past_classes[np.arange(n_users), past_class] = True
+        past_share = (class_count / n_frames[:, None])[:, past_class].T  # (n_users, n_items)
+        past_liking = past_share if preference_by == "share" else (past_share > 0).astype(np.float64)
+        drift = (drift_rng, preference_strength * past_liking + popularity, past_interest)
+    items, is_noise, is_past = _choose_items(rng, preference, click_popularity * popularity, counts, noise, drift)
     users = np.repeat(np.arange(n_users, dtype=np.int64), counts)
-    # Random order along each user's history, then strictly increasing timestamps.
-    order = np.lexsort((rng.random(users.size), users))
-    items, is_noise = items[order], is_noise[order]
+    # Random order along each user's history (past choices before current ones when tastes
+    # drift), then strictly increasing timestamps.
+    keys = rng.random(users.size)
+    order = np.lexsort((keys, users)) if drift is None else _drifting_order(users, keys, is_noise, is_past)
+    items, is_noise, is_past = items[order], is_noise[order], is_past[order]
     gaps = rng.integers(60, 86_400, size=users.size)
     timestamps = 1_000_000_000 + rng.integers(0, 10**7, size=n_users)[users] + _cumsum_within(gaps, counts)
     interactions = pl.DataFrame(
@@ -383,7 +424,7 @@ def planted_catalogue(
         },
         schema={"user": pl.String, "item": pl.String, "timestamp": pl.Int64},
     )
-    truth = CatalogueTruth(frame_class, frame_image, item_class, user_classes, affinity, is_noise)
+    truth = CatalogueTruth(frame_class, frame_image, item_class, user_classes, affinity, is_noise, past_classes, is_past)
     item_ids = np.char.add("i", np.arange(n_items).astype(str)).astype(object)
     return Catalogue(interactions, pixels[frame_image], offsets, item_ids, truth)
 
@@ -414,6 +455,7 @@ def _check_catalogue_args(
     classes_per_item: tuple[int, int],
     interactions_per_user: tuple[int, int],
     noise: float,
+    past_interest: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     pixels, labels = (np.asarray(a) for a in images)
     if pixels.ndim != 3 or labels.shape != (pixels.shape[0],):
@@ -437,6 +479,9 @@ def _check_catalogue_args(
         )
     if not 0.0 <= noise <= 1.0:
         raise DataValidationError(f"noise must be in [0, 1], got {noise}")
+    # A past class is one the user does not like: classes_per_user < n_classes above leaves one.
+    if not 0.0 <= past_interest < 1.0:
+        raise DataValidationError(f"past_interest must be in [0, 1), got {past_interest}")
     low, high = interactions_per_user
     if n_users < 1 or not 1 <= low <= high <= n_items:
         raise DataValidationError(
@@ -472,24 +517,64 @@ def _draw_images(rng: np.random.Generator, labels: np.ndarray, frame_class: np.n
 
 
 def _choose_items(
-    rng: np.random.Generator, preference: np.ndarray, popularity: np.ndarray, counts: np.ndarray, noise: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """Distinct items per user: preferred ones by Gumbel top-k, then popularity clicks.
+    rng: np.random.Generator,
+    preference: np.ndarray,
+    popularity: np.ndarray,
+    counts: np.ndarray,
+    noise: float,
+    drift: tuple[np.random.Generator, np.ndarray, float] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Distinct items per user: preferred ones by Gumbel top-k, then past choices, then popularity clicks.
 
     Args:
         preference: ``(n_users, n_items)`` preference logits.
         popularity: ``(n_items,)`` popularity logits of the clicks that ignore content.
         counts: ``(n_users,)`` items per user.
+        drift: ``(generator, past-class preference logits (n_users, n_items), past_interest)``,
+            or None for no past choices. Only this generator draws them, so ``rng`` draws the
+            same numbers with or without drift.
     Returns:
-        items ``(sum(counts),)`` grouped by user (user-major) and a popularity-click flag per item.
+        items ``(sum(counts),)`` grouped by user (user-major), a popularity-click flag and a
+        past-choice flag per item.
     """
     n_clicks = rng.binomial(counts, noise)
-    chosen = _gumbel_top(rng, preference, counts - n_clicks)
+    n_choices = counts - n_clicks
+    n_past = np.zeros_like(counts) if drift is None else drift[0].binomial(n_choices, drift[2])
+    chosen = _gumbel_top(rng, preference, n_choices - n_past)
+    is_past = np.zeros_like(chosen)
+    if drift is not None:
+        is_past = _gumbel_top(drift[0], np.where(chosen, -np.inf, drift[1]), n_past)
     # Popularity clicks: Gumbel top-k on popularity alone, over the items not already chosen.
-    keys = np.where(chosen, -np.inf, popularity[None, :])
+    keys = np.where(chosen | is_past, -np.inf, popularity[None, :])
     is_click = _gumbel_top(rng, keys, n_clicks)
-    rows, items = np.nonzero(chosen | is_click)
-    return items.astype(np.int64), is_click[rows, items]
+    rows, items = np.nonzero(chosen | is_past | is_click)
+    return items.astype(np.int64), is_click[rows, items], is_past[rows, items]
+
+
+def _drifting_order(users: np.ndarray, keys: np.ndarray, is_click: np.ndarray, is_past: np.ndarray) -> np.ndarray:
+    """Row order of user-major histories: past choices, then current ones, clicks anywhere.
+
+    Sorting by ``(user, key)`` alone would shuffle each history uniformly. Here the clicks keep
+    their keys, so they take uniformly random slots in random order; the choices take the
+    remaining slots (their own sorted keys) in the order (past first, then key). The ranks of iid
+    keys are independent of their sorted values, so this is exact: within each group the order
+    is uniform, and the clicks' slots do not depend on it.
+
+    Args:
+        users: ``(n,)`` user of every row, grouped (user-major).
+        keys: ``(n,)`` iid uniform keys.
+        is_click, is_past: ``(n,)`` bool flags of the rows.
+    Returns:
+        ``(n,)`` int64 permutation of the rows, grouped by user.
+    """
+    choice = np.flatnonzero(~is_click)
+    by_group = choice[np.lexsort((keys[choice], ~is_past[choice], users[choice]))]
+    by_key = choice[np.lexsort((keys[choice], users[choice]))]
+    # Both lists are user-major with the same rows per user, so slot k of one user goes to
+    # that user's k-th choice in (past, current) order.
+    placed = keys.copy()
+    placed[by_group] = keys[by_key]
+    return np.lexsort((placed, users))
 
 
 def _gumbel_top(rng: np.random.Generator, logits: np.ndarray, k: np.ndarray) -> np.ndarray:
