@@ -169,18 +169,25 @@ def _sample_of(net, users: torch.Tensor, pooled) -> torch.Tensor:
     return same.any(dim=1)
 
 
+def _pooled_shell(split, aligned, rng_seed: int, **options):
+    """A :func:`_shell` model, a seeded generator, 64 of its users and their (sampled) pooled sums."""
+    model = _shell(split, aligned, **options)
+    rng = np.random.default_rng(rng_seed)
+    users = torch.as_tensor(rng.choice(split.n_users, size=64, replace=False))
+    torch.manual_seed(11)
+    with torch.no_grad():
+        pooled = model.module.pool(users, sample=True)
+    return model, rng, users, pooled
+
+
 @pytest.mark.parametrize("options", [{"history_smoothing": 0.5}, {"history_smoothing": 1.0, "content_in_history": True}])
 def test_sampled_history_removes_the_positive_exactly(planted, options):
     """With ``history_sample``, the positive leaves the sample exactly (when drawn) and both sums
     are rescaled by (full length / sample length) after the exclusion: brute force on the sample."""
     _, split, _, aligned = planted
-    model = _shell(split, aligned, history_sample=6, **options)
+    model, rng, users, pooled = _pooled_shell(split, aligned, 3, history_sample=6, **options)
     net = model.module
-    rng = np.random.default_rng(3)
-    users = torch.as_tensor(rng.choice(split.n_users, size=64, replace=False))
-    torch.manual_seed(11)
     with torch.no_grad():
-        pooled = net.pool(users, sample=True)
         assert pooled.full_count is not None and int(pooled.mask.sum(dim=1).max()) == 6
         in_sample = _sample_of(net, users, pooled)
         assert torch.equal(in_sample.sum(dim=1), pooled.mask.sum(dim=1))
@@ -210,6 +217,50 @@ def test_sampled_history_removes_the_positive_exactly(planted, options):
     )[:, None] ** smoothing
     assert (outside.any(dim=1) & (lengths > 6)).sum() > 30  # the second target really was outside the sample
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "options", [{"history_smoothing": 0.5}, {"history_smoothing": 1.0, "content_in_history": True, "history_sample": 6}]
+)
+def test_earlier_context_attends_the_entries_before_the_positive(planted, options):
+    """``training_context="earlier"``: brute force over each row's entries older than its positive
+    (of the sample, rescaled by earlier entries / sampled earlier entries, with ``history_sample``)."""
+    _, split, _, aligned = planted
+    model, rng, users, pooled = _pooled_shell(split, aligned, 4, training_context="earlier", **options)
+    net = model.module
+    with torch.no_grad():
+        lengths = net.history_mask[users].sum(dim=1)
+        slot = torch.as_tensor(rng.integers(0, lengths.numpy()))
+        slot[:3] = 0  # the oldest entry: nothing before it
+        positives = net.history[users, slot]
+        fast = net.earlier_vectors(pooled, users, positives, net.tables())
+        logits, user, beta = net.attend(users)
+    history = net.history[users]
+    in_sample = _sample_of(net, users, pooled) if "history_sample" in options else net.history_mask[users]
+    earlier = in_sample & (torch.arange(history.shape[1])[None, :] < slot[:, None])
+    ratio = slot / earlier.sum(dim=1).clamp_min(1)
+    weights = torch.where(earlier, torch.exp(logits), torch.zeros(()))
+    vectors = net.history_item(history)
+    if model.config.content_in_history:
+        vectors = vectors + _history_content(net, history, beta)
+    denominator = (ratio * weights.sum(dim=1)).clamp_min(1e-30) ** model.config.history_smoothing
+    slow = user + ratio[:, None] * torch.einsum("nh,nhd->nd", weights, vectors) / denominator[:, None]
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
+    assert torch.equal(fast[:3], user[:3]) and (slot > 5).sum() > 10
+
+
+def test_earlier_context_trains_repeatably_and_needs_time_order(planted):
+    _, split, _, aligned = planted
+    options = dict(components=aligned, **{**FAST, "training_context": "earlier"})
+    first = ACF(**options).fit(split)
+    losses = [entry["loss"] for entry in first.history if entry["loss"] is not None]
+    assert losses[-1] < losses[0] and np.isfinite(first.score_all(np.arange(10)).numpy()).all()
+    again = ACF(**options).fit(split)
+    torch.testing.assert_close(again.score_all(np.arange(20)), first.score_all(np.arange(20)), rtol=0, atol=0)
+    with pytest.raises(Exception, match="training_context='earlier' needs the interactions' time order"):
+        ACF(**options).fit(split.train, valid=None)
+    with pytest.raises(ValueError, match="training_context must be 'history' or 'earlier'"):
+        ACF(**{**options, "training_context": "later"}).fit(split)
 
 
 def test_sampled_history_estimates_the_full_sums(planted):
