@@ -167,7 +167,7 @@ def test_presets_are_catalogue_arguments_with_overrides():
     small = planted_preset("sparse", n_users=40, n_items=120, seed=2)
     same = planted_catalogue(**{**PRESETS["sparse"], "n_users": 40, "n_items": 120, "seed": 2})
     assert small.interactions.equals(same.interactions) and small.n_items == 120
-    with pytest.raises(DataValidationError, match="unknown planted catalogue preset 'dense'; known: \\['drifting', 'legible', 'short', 'sparse'\\]"):
+    with pytest.raises(DataValidationError, match="unknown planted catalogue preset 'dense'; known: \\['drifting', 'legible', 'shifting', 'short', 'sparse'\\]"):
         planted_preset("dense")
 
 
@@ -397,3 +397,31 @@ def test_bad_past_interest_is_named():
     for value in (-0.1, 1.0, float("nan")):
         with pytest.raises(DataValidationError, match="past_interest must be in \\[0, 1\\), got"):
             planted_catalogue(n_users=10, n_items=40, past_interest=value)
+
+
+def test_taste_shift_orders_each_history_from_the_old_class_to_the_new():
+    catalogue = planted_catalogue(
+        n_users=200, n_items=120, seed=2, classes_per_user=2, interactions_per_user=(8, 16), noise=0.2,
+        preference_by="shown", preference_strength=12.0, taste_shift=True,
+    )
+    truth = catalogue.truth
+    users, items = _dense(catalogue)
+    shows = np.zeros((catalogue.n_items, 10), dtype=bool)
+    shows[np.repeat(np.arange(catalogue.n_items), np.diff(catalogue.item_offsets)), truth.frame_class] = True
+    choice = ~truth.noise
+    shifted = 0
+    for user in range(200):
+        rows = np.flatnonzero((users == user) & choice)  # oldest first
+        first, second = np.flatnonzero(truth.user_classes[user])
+        # the order of some assignment (old, new) of the two liked classes: only old, both, only new
+        ages = [shows[items[rows], new].astype(int) + ~shows[items[rows], old] for old, new in ((first, second), (second, first))]
+        assert any((np.diff(age) >= 0).all() for age in ages), user
+        shifted += any(age[0] < age[-1] for age in ages)
+    assert shifted > 150
+    plain = planted_catalogue(n_users=200, n_items=120, seed=2, classes_per_user=2, interactions_per_user=(8, 16),
+                              noise=0.2, preference_by="shown", preference_strength=12.0)
+    assert plain.interactions.sort(["user", "item"]).equals(catalogue.interactions.sort(["user", "item"]).with_columns(
+        plain.interactions.sort(["user", "item"])["timestamp"]))  # the same choices, only their order moved
+    with pytest.raises(DataValidationError, match="taste_shift needs classes_per_user >= 2"):
+        planted_catalogue(n_users=20, n_items=40, taste_shift=True)
+    assert planted_preset("shifting", n_users=50).truth.user_classes.sum(axis=1).tolist() == [2] * 50
