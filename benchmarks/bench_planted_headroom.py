@@ -72,24 +72,18 @@ def class_of_frames(catalogue, labels: str) -> tuple[np.ndarray, int, float]:
     return cluster, k, float(counts.max(axis=1).sum() / cluster.size)
 
 
-def source_index(ids) -> np.ndarray:
-    """The generator's dense index of external ids ``u{k}`` / ``i{k}``."""
-    return np.array([int(external[1:]) for external in ids])
-
-
 def history_pairs(split, catalogue, user_source: np.ndarray, item_source: np.ndarray) -> tuple[np.ndarray, ...]:
     """The training (user, item) pairs in split indices and whether each was a content-blind click."""
     train = split.train.tocoo()
     users, items = train.row.astype(np.int64), train.col.astype(np.int64)
-    frame = catalogue.interactions
-    clicks = np.zeros((catalogue.truth.user_classes.shape[0], catalogue.n_items), dtype=bool)
-    clicks[source_index(frame["user"]), source_index(frame["item"])] = catalogue.truth.noise
-    return users, items, clicks[user_source[users], item_source[items]]
+    return users, items, catalogue.clicks()[user_source[users], item_source[items]]
 
 
 def scorers(split, catalogue, frame_class: np.ndarray, n_classes: int) -> dict[str, np.ndarray]:
     """Name -> ``(n_users, n_items)`` scores."""
-    item_source, user_source = source_index(split.items.external_ids), source_index(split.users.external_ids)
+    from acfrec.datasets.catalogue import generator_index
+
+    item_source, user_source = generator_index(split.items.external_ids), generator_index(split.users.external_ids)
     frame_item = np.repeat(np.arange(catalogue.n_items), np.diff(catalogue.item_offsets))
     counts = np.zeros((catalogue.n_items, n_classes))
     np.add.at(counts, (frame_item, frame_class), 1)

@@ -126,13 +126,13 @@ class Catalogue:
                 and ``beta`` ``(n, H, M)`` weights over each item's first ``M`` frames.
         """
         history, beta = attention["history"], attention["beta"]
-        item = _generator_index(split.items.external_ids)[np.maximum(history, 0)]
+        item = generator_index(split.items.external_ids)[np.maximum(history, 0)]
         count = np.minimum(np.diff(self.item_offsets)[item], beta.shape[2])
         slots = np.arange(beta.shape[2])
         frames = np.where(
             (slots < count[..., None]) & (history >= 0)[..., None], self.item_offsets[item][..., None] + slots, -1
         )
-        liked = self.truth.liked_frames(_generator_index(split.users.external_ids)[users], frames)
+        liked = self.truth.liked_frames(generator_index(split.users.external_ids)[users], frames)
         shown = liked.any(axis=-1)
         if not shown.any():
             raise DataValidationError("no history item of these users shows a liked class: no liked frame to weigh")
@@ -155,13 +155,9 @@ class Catalogue:
         """
         history, alpha = attention["history"], attention["alpha"]
         real = history >= 0
-        n_items = self.n_items
-        item = _generator_index(split.items.external_ids)[np.maximum(history, 0)]
-        user = _generator_index(split.users.external_ids)[users]
-        keys = user[:, None] * n_items + item
-        clicks = self._click_keys(n_items)
-        found = np.searchsorted(clicks, keys).clip(max=max(clicks.size - 1, 0))
-        is_click = real & (clicks[found] == keys) if clicks.size else np.zeros_like(real)
+        item = generator_index(split.items.external_ids)[np.maximum(history, 0)]
+        user = generator_index(split.users.external_ids)[users]
+        is_click = real & self.clicks()[user[:, None], item]
         chosen = real & ~is_click
         both = is_click.any(axis=1) & chosen.any(axis=1)
         if not both.any():
@@ -171,15 +167,17 @@ class Catalogue:
         entry_share = is_click.sum(axis=1) / np.maximum(real.sum(axis=1), 1)
         return float((alpha_share[both] / entry_share[both]).mean())
 
-    def _click_keys(self, n_items: int) -> np.ndarray:
-        """Sorted ``user * n_items + item`` (generator indices) of every content-blind click."""
-        rows = self.interactions.filter(pl.Series(self.truth.noise))
-        user = _generator_index(rows["user"].to_numpy())
-        return np.sort(user * n_items + _generator_index(rows["item"].to_numpy()))
+    def clicks(self) -> np.ndarray:
+        """``(n_users, n_items)`` bool over the generator's indices: True for a content-blind click."""
+        frame = self.interactions
+        clicked = np.zeros((self.truth.user_classes.shape[0], self.n_items), dtype=bool)
+        clicked[generator_index(frame["user"].to_numpy()), generator_index(frame["item"].to_numpy())] = self.truth.noise
+        return clicked
 
 
-def _generator_index(external_ids: np.ndarray) -> np.ndarray:
-    """``(n,)`` int64 generator index of ids ``u{k}`` / ``i{k}``."""
+def generator_index(external_ids: np.ndarray) -> np.ndarray:
+    """``(n,)`` int64 generator index of the catalogue's ids ``u{k}`` / ``i{k}`` (e.g. a Split's
+    ``users.external_ids``)."""
     return np.char.lstrip(np.asarray(external_ids, dtype=str), "ui").astype(np.int64)
 
 
@@ -589,7 +587,7 @@ def _drifting_order(users: np.ndarray, keys: np.ndarray, is_click: np.ndarray, a
 
     Sorting by ``(user, key)`` alone would shuffle each history uniformly. Here the clicks keep
     their keys, so they take uniformly random slots in random order; the choices take the
-    remaining slots (their own sorted keys) in the order (past first, then key). The ranks of iid
+    remaining slots (their own sorted keys) in the order (age, then key). The ranks of iid
     keys are independent of their sorted values, so this is exact: within each group the order
     is uniform, and the clicks' slots do not depend on it.
 
