@@ -515,12 +515,22 @@ def test_save_load_gives_identical_scores(planted, tmp_path):
 
 
 def test_components_path_and_missing_content(planted, caplog):
-    _, split, store, _ = planted
+    _, split, store, aligned = planted
     by_path = ACF(components_path=str(store.path), **{**FAST, "epochs": 1}).fit(split)
     assert by_path.module.has_content and by_path.module.features.shape[0] == split.n_items
     with caplog.at_level(logging.WARNING):
         plain = get_model("acf")(**{**FAST, "epochs": 1}).fit(split)
     assert "no components given" in caplog.text and not plain.module.has_content
+    assert "no user-specific input" not in caplog.text  # u_i is on
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        get_model("acf")(**{**FAST, "epochs": 1, "user_embedding": False}).fit(split)
+    assert "no user-specific input" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        get_model("acf")(**{**FAST, "epochs": 1, "user_embedding": False, "item_attention": False}).fit(split)
+        ACF(components=aligned, **{**FAST, "epochs": 1, "user_embedding": False}).fit(split)
+    assert "no user-specific input" not in caplog.text
     with pytest.raises(Exception, match="aligned components cover 3 items"):
         ACF(components=AlignedComponents(torch.zeros(3, 2, 4), torch.ones(3, 2, dtype=torch.bool)), **FAST).fit(split)
 

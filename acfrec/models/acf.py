@@ -165,7 +165,7 @@ class ACFConfig(TorchConfig):
             / 0.0524 and 0.1145 / 0.0593, against FISM's 0.1336 / 0.0726 and 0.1039 / 0.0517.
             Without ``u_i`` and without content, item attention has no user-specific input: its
             logits are per-item scores, and on "legible" (seed 0) it collapsed onto one history
-            item per user (smallest alpha ~1e-35; 0.231 / 0.136, below FISM). A profile query for
+            item per user (smallest alpha ~1e-35; 0.231 / 0.136, below FISM); ``fit`` warns. A profile query for
             the item level (``u_i`` replaced by the mean ``p_l`` of the history) did not help:
             0.241 / 0.140 without content, and ACF with content fell to 0.255 / 0.154 (seed 0).
         tower_epochs, tower_patience: the maximum epochs and the early-stopping patience of the
@@ -1238,6 +1238,15 @@ class ACF(TorchRecommender):
         if content is not None:
             content = content.truncate(self.config.max_components)
             features, feature_mask = content.features.clone(), content.mask.clone()
+        if self.config.item_attention and not self.config.user_embedding and features is None:
+            # Nothing user-specific reaches the item logits: they become one global score per
+            # item, and the softmax can pile each history onto its top item (measured on the
+            # "legible" preset: smallest alpha ~1e-35, HR@10 below FISM's).
+            logger.warning(
+                "ACF: item attention without u_i (user_embedding=False) and without content has no "
+                "user-specific input; its weights are a global per-item score. Set item_attention=False "
+                "for FISM-like pooling, or keep u_i or give components."
+            )
         network = _ACFNetwork(n_users, n_items, history, mask, self.config, features, feature_mask)
         if self._tower_after:
             network.tower_mode = "off"
