@@ -363,6 +363,10 @@ def test_past_choices_come_first_and_show_the_past_class():
     assert (shows[items] & truth.past_classes[users]).any(axis=1)[truth.past].mean() > 0.98
     current = choice & ~truth.past
     assert (shows[items] & truth.user_classes[users]).any(axis=1)[current].mean() > 0.98
+    # The dense views agree with the per-interaction flags, and only the drifted pairs are past.
+    assert (catalogue.past_choices()[users, items] == truth.past).all()
+    assert (catalogue.clicks()[users, items] == truth.noise).all()
+    assert catalogue.past_choices().sum() == truth.past.sum()
     # Timestamps still increase along each history.
     same_user = users[1:] == users[:-1]
     assert (np.diff(catalogue.interactions["timestamp"].to_numpy())[same_user] > 0).all()

@@ -169,10 +169,20 @@ class Catalogue:
 
     def clicks(self) -> np.ndarray:
         """``(n_users, n_items)`` bool over the generator's indices: True for a content-blind click."""
+        return self._per_pair(self.truth.noise)
+
+    def past_choices(self) -> np.ndarray:
+        """``(n_users, n_items)`` bool over the generator's indices: True for a choice made for the
+        user's past class (``past_interest``)."""
+        return self._per_pair(self.truth.past)
+
+    def _per_pair(self, flags: np.ndarray | None) -> np.ndarray:
+        """A per-interaction flag ``(n_interactions,)`` as a dense ``(n_users, n_items)`` bool matrix."""
         frame = self.interactions
-        clicked = np.zeros((self.truth.user_classes.shape[0], self.n_items), dtype=bool)
-        clicked[generator_index(frame["user"].to_numpy()), generator_index(frame["item"].to_numpy())] = self.truth.noise
-        return clicked
+        dense = np.zeros((self.truth.user_classes.shape[0], self.n_items), dtype=bool)
+        if flags is not None:  # None: a truth built without drift
+            dense[generator_index(frame["user"].to_numpy()), generator_index(frame["item"].to_numpy())] = flags
+        return dense
 
 
 def generator_index(external_ids: np.ndarray) -> np.ndarray:
