@@ -324,6 +324,7 @@ def test_no_drift_gives_the_catalogue_generated_before_drift_existed(arguments, 
     """The digests were computed by the generator before ``past_interest`` was added."""
     catalogue = planted_catalogue(**arguments)
     assert _digest(catalogue) == expected
+    assert _digest(planted_catalogue(**arguments, clicks_outside_taste=False)) == expected
     assert _digest(planted_catalogue(**arguments, past_interest=0.0)) == expected
     assert not catalogue.truth.past.any() and not catalogue.truth.past_classes.any()
     assert catalogue.truth.past.shape == catalogue.truth.noise.shape
@@ -429,3 +430,21 @@ def test_taste_shift_orders_each_history_from_the_old_class_to_the_new():
     with pytest.raises(DataValidationError, match="taste_shift needs classes_per_user >= 2"):
         planted_catalogue(n_users=20, n_items=40, taste_shift=True)
     assert planted_preset("shifting", n_users=50).truth.user_classes.sum(axis=1).tolist() == [2] * 50
+
+
+def test_clicks_outside_taste_avoid_the_liked_classes():
+    arguments = {"n_users": 300, "n_items": 120, "interactions_per_user": (6, 12), "noise": 0.3, "seed": 3,
+                 "preference_by": "shown", "click_popularity": 0.0}
+    anywhere, outside = planted_catalogue(**arguments), planted_catalogue(**arguments, clicks_outside_taste=True)
+    for catalogue in (anywhere, outside):
+        users, items = _dense(catalogue)
+        liked = catalogue.truth.affinity[users, items] > 0
+        clicks = catalogue.truth.noise
+        if catalogue is outside:
+            assert clicks.any() and not liked[clicks].any()
+        else:
+            assert liked[clicks].mean() > 0.1  # uniform clicks often land in the taste
+        assert liked[~clicks].mean() > 0.95  # choices show a liked class either way (nearly always)
+    # The same users, items and click counts: only where the clicks land changes.
+    assert np.array_equal(anywhere.truth.noise.sum(), outside.truth.noise.sum())
+    assert anywhere.interactions.height == outside.interactions.height
