@@ -289,14 +289,15 @@ PRESETS: dict[str, dict[str, object]] = {
     # accidental clicks that the frames can tell from choices. There both attention levels have
     # work: component attention reads the taste from each history item's frames, and item
     # attention can discount the clicks because their frames miss that taste. Measured with ACF's
-    # "legible" recipe (dim 64; HR@10 / NDCG@10, seeds 0 / 1): ACF 0.236 / 0.144 and 0.262 /
-    # 0.162, item attention off 0.234 / 0.140 and 0.247 / 0.152, component attention off 0.237 /
-    # 0.139 and 0.257 / 0.152 (the clicks get 0.70x their uniform share of alpha, the liked frames
-    # 1.95 / 2.04x their uniform share of beta); FISM 0.220 / 0.130 and 0.232 / 0.135, SVD++ 0.227 /
-    # 0.135 and 0.245 / 0.148, ALS 0.241 / 0.139 and 0.253 / 0.150 (dim 64 each). At seed 1 both
-    # levels matter (off: -0.0098 and -0.0094 NDCG@10, 4.3 and 2.7 paired SE); at seed 0 less
-    # (-0.0045 and -0.0049, 1.9 and 1.4 SE); at seed 2 ACF loses: 0.233 / 0.145 against item
-    # attention off 0.252 / 0.150, component attention off 0.245 / 0.147, SVD++ 0.248 / 0.150.
+    # "legible" recipe at ACF's default lr 0.002 (dim 64; HR@10 / NDCG@10, seeds 0 / 1 / 2):
+    # ACF 0.243 / 0.148, 0.266 / 0.163, 0.248 / 0.151; item attention off 0.232 / 0.140, 0.254 /
+    # 0.154, 0.249 / 0.147 (NDCG@10 -0.0083, -0.0089, -0.0040: 3.0, 3.0, 1.7 paired SE); component
+    # attention off 0.233 / 0.139, 0.260 / 0.157, 0.248 / 0.149 (-0.0092, -0.0064, -0.0024: 2.6,
+    # 1.8, 0.7 SE). Clicks get 0.66-0.68x their uniform share of alpha, liked frames 1.95-2.16x
+    # theirs of beta. Baselines (defaults; ALS 64 factors, regularisation 10): SVD++ 0.227 / 0.135,
+    # 0.245 / 0.148, 0.248 / 0.150; ALS 0.241 / 0.139, 0.253 / 0.150, 0.254 / 0.151; FISM 0.225 /
+    # 0.137, 0.215 / 0.118, 0.242 / 0.141; BPR-MF 0.207 / 0.121, 0.216 / 0.131, 0.222 / 0.130. At
+    # lr 0.005 (the "legible" test's) seed 2 lost: ACF 0.233 / 0.145, item attention off 0.252 / 0.150.
     "stray": {
         "n_users": 3000, "n_items": 300, "interactions_per_user": (6, 12), "noise": 0.3,
         "click_popularity": 0.0, "preference_by": "shown", "typical_frames": 10, "clicks_outside_taste": True,
