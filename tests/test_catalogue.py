@@ -167,7 +167,7 @@ def test_presets_are_catalogue_arguments_with_overrides():
     small = planted_preset("sparse", n_users=40, n_items=120, seed=2)
     same = planted_catalogue(**{**PRESETS["sparse"], "n_users": 40, "n_items": 120, "seed": 2})
     assert small.interactions.equals(same.interactions) and small.n_items == 120
-    with pytest.raises(DataValidationError, match="unknown planted catalogue preset 'dense'; known: \\['drifting', 'legible', 'shifting', 'short', 'sparse'\\]"):
+    with pytest.raises(DataValidationError, match="unknown planted catalogue preset 'dense'; known: \\['drifting', 'legible', 'shifting', 'short', 'sparse', 'stray'\\]"):
         planted_preset("dense")
 
 
