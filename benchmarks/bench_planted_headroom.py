@@ -108,6 +108,14 @@ def class_of_frames(catalogue, labels: str) -> tuple[np.ndarray, int, float]:
     return cluster, k, float(counts.max(axis=1).sum() / cluster.size)
 
 
+def frames_per_class(catalogue, frame_class: np.ndarray, n_classes: int) -> np.ndarray:
+    """``(n_items, n_classes)`` count of every generator item's frames in each class (or cluster)."""
+    frame_item = np.repeat(np.arange(catalogue.n_items), np.diff(catalogue.item_offsets))
+    counts = np.zeros((catalogue.n_items, n_classes))
+    np.add.at(counts, (frame_item, frame_class), 1)
+    return counts
+
+
 def history_pairs(split, catalogue, user_source: np.ndarray, item_source: np.ndarray) -> tuple[np.ndarray, ...]:
     """The training (user, item) pairs in split indices and whether each was a content-blind click."""
     train = split.train.tocoo()
@@ -120,9 +128,7 @@ def scorers(split, catalogue, frame_class: np.ndarray, n_classes: int) -> dict[s
     from acfrec.datasets.catalogue import generator_index
 
     item_source, user_source = generator_index(split.items.external_ids), generator_index(split.users.external_ids)
-    frame_item = np.repeat(np.arange(catalogue.n_items), np.diff(catalogue.item_offsets))
-    counts = np.zeros((catalogue.n_items, n_classes))
-    np.add.at(counts, (frame_item, frame_class), 1)
+    counts = frames_per_class(catalogue, frame_class, n_classes)
     shows = (counts > 0).astype(float)[item_source]  # (items, classes)
     share = (counts / counts.sum(axis=1, keepdims=True))[item_source]
     users, items, clicked = history_pairs(split, catalogue, user_source, item_source)
@@ -179,10 +185,8 @@ def history_weights(split, catalogue, frame_class: np.ndarray, n_classes: int) -
     train = split.train.tocoo()
     history = torch.zeros(split.n_users, split.n_items)
     history[train.row, train.col] = 1.0
-    frame_item = np.repeat(np.arange(catalogue.n_items), np.diff(catalogue.item_offsets))
-    shows = np.zeros((catalogue.n_items, n_classes), dtype=np.float32)
-    shows[frame_item, frame_class] = 1.0
-    shows_t = torch.as_tensor(shows[item_source])  # (items, classes)
+    shows = frames_per_class(catalogue, frame_class, n_classes) > 0
+    shows_t = torch.as_tensor(shows[item_source], dtype=torch.float32)  # (items, classes)
     votes = history @ shows_t  # (users, classes)
     support = ((votes[:, None, :] - shows_t[None]) * shows_t[None]).amax(-1)  # (users, items)
     support = support / (history.sum(1, keepdim=True) - 1).clamp_min(1)
