@@ -74,10 +74,9 @@ _EVERY_USER_SHARE = 0.9
 class ACFConfig(TorchConfig):
     """ACF options on top of :class:`TorchConfig`.
 
-    The training defaults were tuned on ML-100K leave-one-out (dim 64, full-ranking NDCG@10 with
-    early stopping on validation): the SVD++ baseline's settings (batch 1024, lr 0.002, L2 0.001,
-    init 0.01) suit ACF too; batches of 4096 at lr 0.005 train ~3x faster per epoch but ended
-    0.002-0.003 NDCG@10 lower, and the plain softmax (``history_smoothing=1``) 0.004 lower.
+    The training defaults are the SVD++ baseline's (batch 1024, lr 0.002, L2 0.001, init 0.01),
+    tuned on ML-100K leave-one-out. Every measurement behind the options, and the variants tried
+    and dropped, are in benchmarks/FINDINGS.md (section 1 for the training defaults).
 
     Attributes:
         attention_dim: hidden size of both attention networks.
@@ -86,7 +85,8 @@ class ACFConfig(TorchConfig):
             ``|R(i)|^-smoothing`` weight.
         use_content: False drops the component level (ACF without content).
         history_smoothing: exponent on the item-level softmax denominator (NAIS beta; 1.0 is
-            the plain softmax of the paper, 0.5 damps long histories and measured better).
+            the plain softmax of the paper). 0.5 damps long histories and measured better on
+            ML-100K. Measured: benchmarks/FINDINGS.md, section 1.
         max_history: history items per user kept (most recent by timestamp when the training
             data is ordered, else a seeded sample).
         history_sample: training only: each step attends a fresh uniform sample (without
@@ -97,48 +97,47 @@ class ACFConfig(TorchConfig):
             denominator's scale counts). A positive in the sample is removed from it exactly; one
             outside it only lowers the history length. The draws come from torch's global
             generator, which the Trainer seeds with ``seed``. Scoring, validation, ``attention``
-            and ``explain`` always attend the whole history (up to ``max_history``). Measured on
-            ML-100K with plot-sentence components (dim 64, ``bench_acf.py --batch-size 4096
-            --threads 1``): 32 entries (about a third of the 84k history entries; median history
-            63) cut the loss and backward of 24 fixed batches from 4.7 s to 2.4 s (48 entries:
-            3.2 s), the benchmark's epoch from ~6x FISM's to ~3x (``bench_acf.py``). Full
-            ranking HR@10 / NDCG@10, defaults otherwise: whole history 0.1368 / 0.0753 (seed 0)
-            and 0.1294 / 0.0698 (seed 1); 32 entries 0.1379 / 0.0720 and 0.1410 / 0.0712 (means
-            0.1331 / 0.0725 vs 0.1394 / 0.0716); 48 entries 0.1368 / 0.0738 (seed 0). Early
-            stopping picks epochs in the noise (seed 0: the whole history kept epoch 2, 32 entries
-            the FISM start, epoch 0), so the per-seed differences are noise-sized.
+            and ``explain`` always attend the whole history (up to ``max_history``). 32 halves
+            the training time on ML-100K at noise-sized quality differences.
+            Measured: benchmarks/FINDINGS.md, section 2.
         max_components: components per item kept (the item's first ones).
         components_path: a ComponentStore folder, aligned on the training Split's item ids.
         init_std: standard deviation of the embeddings' normal initialisation.
         item_bias: add a learned item bias ``b_j`` to the score (an extension of the paper, as
             in the FISM / SVD++ / BPR-MF baselines: popularity then need not crowd the factors).
         attention_dropout: dropout on the hidden units of the item-level attention network
-            while training (0 = none).
+            while training (0 = none). Off by default: it did not make component attention find
+            the liked frames. Measured: benchmarks/FINDINGS.md, section 5.
         scale_attention_inputs: feed both attention networks the user, item and history
             vectors at unit root-mean-square (``x / rms(x)``). The embeddings start at
-            ``init_std`` and are shrunk by L2, so unscaled, the projected content terms are
-            ~10-20x larger than the user term and the attention is nearly user-independent.
+            ``init_std`` and are shrunk by L2, so unscaled, the projected content terms dwarf
+            the user term and the attention is nearly user-independent. Off by default: it did
+            not make component attention find the liked frames on its own.
+            Measured: benchmarks/FINDINGS.md, section 5.
         attention_lr_scale: step-size multiplier of the two attention output vectors (``w1``,
             ``w2``, both zero at init and the bottleneck of learning any attention), by
             reparametrisation: the stored vector is multiplied by the scale in the forward
             pass. Adam's and Adagrad's steps do not depend on the gradient's magnitude, so the
             effective vector then moves ``scale`` times faster (the Trainer has one parameter group).
+            Measured: benchmarks/FINDINGS.md, sections 6 and 7.
         pretrain: None, or ``"fism"``: before ACF's own training, fit the library's FISM
             (same ``dim``, ``seed``, ``init_std``, ``item_bias``, ``weight_decay``, its
             ``alpha`` = ``history_smoothing``, early stopping on the same validation items) and
             start ACF from its history-item embeddings (``p``), target-item embeddings
             (``v``) and item bias (``b``); ``u`` starts at zero and the attention networks at
             their uniform init, so epoch 0 of ACF scores exactly as FISM (up to
-            ``max_history`` capping). The NAIS / ACF recipe: from ``init_std``-sized
-            embeddings the attention logits' gradients are tiny and attention barely learns.
-            With ``checkpoint_dir`` set and a checkpoint present, the FISM stage is skipped
-            (the checkpoint holds ACF's state, pre-trained values included).
+            ``max_history`` capping). With ``checkpoint_dir`` set and a checkpoint present, the
+            FISM stage is skipped (the checkpoint holds ACF's state, pre-trained values
+            included). The NAIS / ACF recipe: from ``init_std``-sized embeddings the attention
+            logits' gradients are tiny and attention barely learns.
+            Measured: benchmarks/FINDINGS.md, section 6.
         pretrain_epochs: the FISM stage's maximum epochs (None: ``epochs``); it stops early on
             validation with ACF's ``patience``.
         pretrain_lr: the FISM stage's learning rate (FISM's default batch size).
         content_tower: learn a :class:`~acfrec.models.content_tower.ContentTower` that maps an
             item's components to its ``(v_j, p_j, b_j)``, so items nobody has consumed can be
             added (:meth:`ACF.add_items`) and scored. Needs components. An extension of the paper.
+            Measured: benchmarks/FINDINGS.md, section 4.
         tower_hidden: width of the tower's component embedding and hidden layer.
         tower_pooling: ``"mean"`` or ``"attention"`` (learned, user-independent) over an item's
             embedded components.
@@ -153,49 +152,35 @@ class ACFConfig(TorchConfig):
 
         user_embedding: False drops the paper's free user vector ``u_i`` (kept at zero, not
             trained): a user is the attention-pooled sum over its history alone, as in FISM and
-            NAIS. With a few items per user, ``u_i`` memorises them. Measured on the "legible"
-            preset (3,000 users x 300 items, 6-12 items per user, typical frames; HR@10 / NDCG@10,
-            no pre-training, lr 0.005, ``history_smoothing=1``, the three attention options):
-            seed 0 0.263 / 0.156 without ``u_i`` vs 0.250 / 0.155 with it; there ``history_smoothing``
-            0.5 gave 0.246 / 0.145. Not the default: on ML-100K (no content, dim 64, the other
-            defaults; seeds 0 / 1, HR@10 / NDCG@10) ``u_i`` is what lifts ACF past its FISM start at
-            seed 1: 0.1251 / 0.0645 with it, 0.1018 / 0.0510 without (seed 0 keeps the FISM start
-            either way, 0.1379 / 0.0720); adding ``history_smoothing=1`` gave 0.1230 / 0.0617 and
-            0.1029 / 0.0517, and the whole "legible" recipe (also no pre-training, lr 0.005) 0.1071
-            / 0.0524 and 0.1145 / 0.0593, against FISM's 0.1336 / 0.0726 and 0.1039 / 0.0517.
-            Without ``u_i`` and without content, item attention has no user-specific input: its
-            logits are per-item scores, and on "legible" (seed 0) it collapsed onto one history
-            item per user (smallest alpha ~1e-35; 0.231 / 0.136, below FISM); ``fit`` warns. A profile query for
-            the item level (``u_i`` replaced by the mean ``p_l`` of the history) did not help:
-            0.241 / 0.140 without content, and ACF with content fell to 0.255 / 0.154 (seed 0).
+            NAIS. With a few items per user, ``u_i`` memorises them. Kept by default: on ML-100K
+            ``u_i`` is what lifts ACF past its FISM start (at one seed of two). Without ``u_i`` and without content,
+            item attention has no user-specific input and can collapse onto one history item
+            per user; ``fit`` warns. Measured: benchmarks/FINDINGS.md, section 3.
         tower_epochs, tower_patience: the maximum epochs and the early-stopping patience of the
             tower's own stage (``tower_training="after"``); None: ACF's ``epochs`` / ``patience``.
-            The content-only validation NDCG that stage watches is noisy: on ML-100K with plot
-            sentences, ACF's patience of 10 let it run long (most of an 18-minute fit).
+            The content-only validation NDCG that stage watches is noisy, so ACF's patience can
+            let it run long. Measured: benchmarks/FINDINGS.md, section 4.
         tower_training: ``"after"`` (default): two stages. First ACF alone (the tower unused;
             early stopping on the warm validation NDCG), then the tower alone with everything
             else frozen, DropoutNet-style (so its items compete with learned ones), early
             stopping on the content-only validation NDCG. Warm items then score exactly as ACF
             without a tower (the tower is built last, so even the initialisation is the same).
             ``"joint"``: the tower trains with the rest of the model and early stopping watches
-            ``tower_validation_weight`` (below). Measured (``bench_cold_start.py``, 20% cold,
-            cold Recall@20 among cold items; warm HR@10 vs ACF without a tower): planted
-            catalogue of 2,000 users x 1,000 items, seed 0, pixel frames: after 0.490 (warm
-            0.317 = 0.317), joint 0.474 (warm 0.298), content kNN 0.443; seed 1: after 0.475
-            (warm 0.347 = 0.347), joint 0.422 (warm 0.310), content kNN 0.432; the default
-            500 x 300 catalogue: after 0.607 (warm 0.474 vs 0.478), joint 0.621 (0.470), content
-            kNN 0.637. A learned content kernel added to the score (mean history key . item key,
-            a learned generalisation of content kNN) scored 0.464 vs 0.475 at seed 1 and was dropped.
+            ``tower_validation_weight`` (below). "after" is the default: it keeps the warm items'
+            quality and led cold-start recall on the larger planted catalogue.
+            Measured: benchmarks/FINDINGS.md, section 4.
 
         content_in_history: an extension of the paper: each history item adds its projected,
             beta-mixed content to its vector, ``u_i + sum alpha (p_l + W_c xbar_l)`` (``W_c``
             zero at init, so the model starts as without it). In the paper ``xbar_l`` reaches
             the score only through the item logits, a second-order signal for beta; here the
-            liked frames of a history item also predict the targets directly.
+            liked frames of a history item also predict the targets directly. Off by default
+            (not seed-robust). Measured: benchmarks/FINDINGS.md, section 7.
         profile_query: an extension: component attention is queried with ``u_i`` plus the
             user's content profile (mean over the history of each item's mean projected
             component) instead of ``u_i`` alone, so it knows the user's taste before ``u_i``
-            has learned it (``u`` starts at zero after pre-training).
+            has learned it (``u`` starts at zero after pre-training). Off by default (not
+            seed-robust). Measured: benchmarks/FINDINGS.md, section 7.
         frame_agreement: weight of an auxiliary loss (an extension; 0 = off) rewarding beta for
             mixing, over the user's history, components of the same k-means cluster (16
             clusters of the raw components, cosine) as the training positive's components:
@@ -203,9 +188,8 @@ class ACFConfig(TorchConfig):
             first-order, user-specific signal: which frames look like the things this user goes on
             to take. The positive ``j``'s own history entry is left out of the mean (its frames
             match themselves whatever beta does, a reward for each item's majority cluster that is
-            the same for every user); the "sparse" numbers below were measured before that change,
-            after it (500 users, HR@10 / NDCG@10): seed 0 0.196 / 0.115 (ratio 2.64; was 0.206 /
-            0.121, ratio 2.61, within the noise of 500 test users), seeds 1 and 2 unchanged.
+            the same for every user). Off by default (not seed-robust).
+            Measured: benchmarks/FINDINGS.md, sections 7 and 8.
 
         training_context: what a training positive is predicted from. ``"history"`` (the paper):
             the user's whole history without the positive. ``"earlier"`` (an extension, next-item
@@ -215,85 +199,16 @@ class ACFConfig(TorchConfig):
             (``fit`` on a Split or with timestamps). With the whole history, every training target
             is exchangeable with the history entries, so item attention is rewarded only for what
             predicts the other entries; the prefix tells it which entries predict what comes next.
-            Measured with the "legible" recipe (HR@10 / NDCG@10): on the "drifting" preset (seed 0)
-            0.230 / 0.142 vs 0.225 / 0.134 with the whole history (FISM 0.241 / 0.146); on a
-            catalogue whose users like two classes and drift from one to the other (8-16 items,
-            each history ordered: items showing only the second class, then both, then only the
-            first, clicks almost never the newest entry; an experiment script: the "shifting"
-            preset gives clicks uniform slots, and there ACF lost) 0.266 / 0.159 vs 0.252 / 0.144 at seed 0 and
-            0.271 / 0.159 vs 0.268 / 0.160 at seed 1 (FISM 0.268 / 0.150 and 0.275 / 0.165). There
-            item attention off gave 0.252 / 0.145 and 0.280 / 0.164, and component attention off
-            0.273 / 0.166 and 0.290 / 0.172, the best of all: on drifting tastes the frames did not
-            help. At seed 2: 0.224 / 0.138, item attention off 0.204 / 0.113, FISM 0.214 / 0.121.
-            Item attention mattered at two seeds of three.
+            Measured: benchmarks/FINDINGS.md, section 9.
 
     With a content tower trained jointly, early stopping watches a weighted mean of two validation NDCGs: learned
     item vectors, and every item scored from content alone (target ``v_j``, ``b_j`` from the tower, as
     a cold item is). The best warm epoch alone comes before the tower has learned anything.
 
-    Measured on the planted image catalogue (500 users x 300 items, half of the clicks
-    uniform browsing, full-ranking HR@10 / NDCG@10, one seed, lr 0.005, init 0.03, no L2):
-    ACF 0.214 / 0.134, with ``scale_attention_inputs`` 0.270 / 0.156, with
-    ``attention_dropout=0.3`` (and random attention-output init) 0.236 / 0.146; ACF without
-    content 0.260 / 0.159 (0.284 / 0.170 scaled); SVD++ 0.246 / 0.163. Neither option makes
-    the component attention find the liked frames (beta mass on them stays 0.95-1.0x the
-    uniform share, even with one-hot frame classes in place of the pixel features), so both
-    stay off by default and the ML-100K numbers above are unchanged.
+    The FISM stage shares ``epochs`` and ``patience`` unless ``pretrain_epochs`` is set.
 
-    FISM pre-training (``pretrain="fism"``, the default) measured (before ``history_sample``,
-    i.e. whole histories): ML-100K without content, dim 64, HR@10 / NDCG@10 0.1357 / 0.0755 (best
-    epoch 3 of ACF's stage) vs 0.0701 NDCG@10 from scratch and FISM's 0.1336 / 0.0726. With the
-    default ``history_sample=32``: 0.1379 / 0.0720 at seed 0 (the FISM start kept; whole
-    histories now 0.1379 / 0.0758) and 0.1251 / 0.0645 at seed 1 (whole 0.1209 / 0.0622), FISM
-    0.1336 / 0.0726 and 0.1039 / 0.0517; planted catalogue (``bench_acf.py --planted``,
-    ACF defaults) 0.462 / 0.297 vs 0.464 / 0.282 from scratch, FISM 0.452 / 0.289, SVD++
-    0.448 / 0.296. There the ablations score the same (0.29-0.30 NDCG@10) and beta stays
-    uniform: validation peaks within ACF's first epoch or two, before attention moves. Also
-    pre-trained, NDCG@10 of ACF / its three ablations / FISM: lr 0.01 0.290 / 0.292 / 0.293 /
-    0.291 / 0.289; ``attention_lr_scale=10``, batch 256 0.300 / 0.300 / 0.302 / 0.294 / 0.289 (run
-    on for 15 epochs without early stopping, item attention does sharpen, max/mean alpha 2.1,
-    but beta's liked-frame ratio stays 0.99); catalogue ``noise=0.5, click_popularity=0``
-    0.157 / 0.157 / 0.154 / 0.155 / 0.161; that with ``n_items=1000`` 0.123 / 0.124 / 0.123 /
-    0.121 / 0.126. The FISM stage shares ``epochs`` and ``patience`` unless ``pretrain_epochs`` is set.
-
-    Component attention that finds the liked frames (liked-frame beta / uniform share, "ratio";
-    ``bench_acf.py --planted``, one seed unless said). The ceiling of the ratio is set by the
-    catalogue: on the default one, preferred items are mostly liked frames, so even a perfect
-    beta gives at most 2.07x; the ``"sparse"`` preset (1500 items, ``preference_by="shown"``,
-    10% clicks) allows 2.9x and has most items too rare for CF. ``content_in_history`` alone:
-    ratio 1.00 (default catalogue, pre-trained, NDCG@10 0.297 vs FISM 0.289), 1.07 after 40
-    epochs from scratch with input scaling and ``attention_lr_scale=10``; on a 1500-item
-    ``"share"`` catalogue 1.02 (NDCG@10 0.132 vs FISM 0.110). Adding ``frame_agreement=5``
-    there: 1.67-1.79 against a ceiling of 1.84, NDCG@10 0.159-0.179, but beta was
-    user-independent (it picked each item's majority class; with 3-4 classes per item, ceiling
-    2.65, the ratio fell to 1.16). ``profile_query`` made it user-specific: 1.57, and 2.06 with
-    ``scale_attention_inputs``. On the ``"sparse"`` preset, seed 0, these three options plus
-    input scaling (ML-100K training defaults, FISM pre-training), HR@10 / NDCG@10: ACF 0.206 /
-    0.121 (ratio 2.61); component attention off 0.150 / 0.086; item attention off 0.186 / 0.112
-    (2.42); content off 0.162 / 0.093; SVD++ 0.190 / 0.111, BPR-MF 0.162 / 0.096, FISM 0.126 /
-    0.074. Not seed-robust: at seed 1, validation peaks in ACF's first epoch (ratio 1.02,
-    ACF 0.214 / 0.133 vs FISM 0.248 / 0.159, SVD++ 0.236 / 0.149, BPR-MF 0.224 / 0.142; its
-    ablations 0.214 / 0.133, 0.238 / 0.146, 0.236 / 0.154; patience 25, ACF lr 0.0005 or frozen
-    pre-trained p / v / b do not change it), and 300-user versions are ties or losses. Trained a fixed 20 epochs from scratch
-    (no early stopping), the ratio is 2.28 / 2.50 / 2.29 on three 300-user "sparse" seeds and
-    1.18 without ``frame_agreement``. All three options stay off by default (ML-100K numbers
-    above unchanged). Since the Trainer validates the pre-trained start too (epoch 0, kept when
-    no epoch beats it), seed 1 gives FISM's 0.248 / 0.159 exactly. Three "sparse" seeds
-    (500 users; seed 0 / 1 / 2) with the three options: ACF 0.206 / 0.120, 0.248 / 0.159,
-    0.184 / 0.119; plus a jointly trained content tower with ``tower_blend=0.5`` 0.190 / 0.122,
-    0.244 / 0.161, 0.216 / 0.134; best baseline SVD++ 0.190 / 0.111, FISM 0.248 / 0.159,
-    BPR-MF 0.212 / 0.120: wins and ties within the noise of 500 test users. The generator's own
-    ranking (liked classes shown, then training popularity) reaches 0.212 / 0.132, 0.266 / 0.192
-    and 0.274 / 0.168 there: at seeds 0 and 1 the best models are already near it. A bigger
-    "sparse" catalogue (``n_users=2000, n_items=3000``; oracle 0.192 / 0.122 at seed 0, 0.211 /
-    0.135 at seed 1) leaves more room: the three options plus a jointly trained content tower
-    with ``tower_blend=0.5`` reach 0.176 / 0.112 (seed 0; ratio 2.66) and 0.195 / 0.119 (seed 1;
-    ratio 2.69) against FISM 0.162 / 0.100 and 0.179 / 0.108, SVD++ 0.161 / 0.102 and 0.178 /
-    0.111, BPR-MF 0.158 / 0.096 and 0.172 / 0.106; without the tower the pre-trained FISM start
-    is kept (0.162 / 0.100). Seed 0 ablations of that model: component attention off 0.166 /
-    0.107, item attention off 0.179 / 0.111 (item attention does not help here). With more
-    content-blind clicks to filter (``noise=0.3, click_popularity=0``, seed 0; oracle 0.159 / 0.101)
-    still not: 0.128 / 0.078, item attention off 0.135 / 0.082, SVD++ 0.121 / 0.074, FISM 0.117 / 0.070.
+    Whether component attention finds the liked frames on the planted presets, and with which
+    options: benchmarks/FINDINGS.md, section 7.
     """
 
     epochs: int = 100
