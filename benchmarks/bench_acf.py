@@ -22,7 +22,7 @@ Then training attended a rescaled sample of 32 entries of each history per step 
 shared machine (FISM 0.61-0.97 s, median 0.80), ACF + plots 1.92-2.53 s (median 2.44; 2.1-4.0x
 FISM, median 3.0x) vs 4.83-5.34 s whole (median 5.08; 5.5-8.6x, median 6.0x); ACF without
 content 0.94-1.32 s (median 1.26) vs 1.58-2.20 s whole (median 2.10). The target of 3x FISM is
-met at the median, not in every run. ML-100K quality: see ``ACFConfig.history_sample``.
+met at the median, not in every run. ML-100K quality: benchmarks/FINDINGS.md, section 2.
 
 ``--planted`` instead prints the planted-catalogue acceptance table (default size, seed 0):
 full-ranking HR@10 / NDCG@10 of ItemPop, BPR-MF, FISM, SVD++, ALS, ACF and its three ablations,
@@ -36,9 +36,17 @@ content-blind clicks relative to the chosen items (``Catalogue.click_weight_rati
     python benchmarks/bench_acf.py --planted --preset legible --set user_embedding=false \
         history_smoothing=1 pretrain=null lr=0.005 content_in_history=true profile_query=true \
         frame_agreement=5 scale_attention_inputs=true --baseline-set als.regularization=10
+    python benchmarks/bench_acf.py --planted --preset stray --seeds 0 1 2 3 4 5 --set user_embedding=false \
+        history_smoothing=1 pretrain=null lr=0.002 content_in_history=true profile_query=true \
+        frame_agreement=5 scale_attention_inputs=true \
+        --baseline-set als.factors=64 als.iterations=10 als.regularization=10   # ~20 min on one core
     python benchmarks/bench_acf.py --planted --preset sparse --catalogue n_users=2000 n_items=3000 \
         --set content_in_history=true profile_query=true frame_agreement=5 scale_attention_inputs=true \
         content_tower=true tower_training=joint tower_blend=0.5     # ~30 min on one core
+
+``--seeds`` prints one table per catalogue seed, then each model's mean over the seeds and its
+per-user paired difference to ACF pooled over all the seeds' test users, with its standard error
+(the README's "stray" tables come from the command above).
 
 (ACF pre-trains on FISM by default; ``--set pretrain=null`` trains it from scratch. ``--preset``
 starts from a named catalogue of :data:`acfrec.datasets.catalogue.PRESETS`, ``--catalogue``
@@ -138,7 +146,33 @@ def planted_table(
     catalogue_options: dict | None = None,
     preset: str | None = None,
     baseline_options: dict[str, dict] | None = None,
+    seeds: list[int] | None = None,
 ) -> None:
+    """One table per catalogue seed; with several seeds, then each model's mean and its per-user
+    paired difference to ACF pooled over the seeds' test users (independent users, so the
+    standard error of the pooled mean is ``std / sqrt(n)``)."""
+    import numpy as np
+
+    catalogue_options = catalogue_options or {}
+    seeds = seeds or [catalogue_options.get("seed", 0)]
+    runs = [planted_seed({**catalogue_options, "seed": seed}, acf_options, preset, baseline_options or {}) for seed in seeds]
+    if len(runs) < 2:
+        return
+    print(f"\nseeds {seeds} pooled ({sum(len(r['acf'][2]) for r in runs)} test users): mean HR@10 / NDCG@10, "
+          "and ACF minus the model per user (standard error)")
+    print(f"{'model':<32}{'HR@10':>8}{'NDCG@10':>9}{'ACF - model HR@10':>26}{'ACF - model NDCG@10':>26}")
+    for label in runs[0]:
+        hr, ndcg = (np.mean([r[label][0][metric] for r in runs]) for metric in ("HR@10", "NDCG@10"))
+        cells = ""
+        for column in (1, 2):
+            gap = np.concatenate([r["acf"][column] - r[label][column] for r in runs])
+            cells += f"{gap.mean():>+18.4f} ({gap.std() / np.sqrt(gap.size):.4f})" if label != "acf" else f"{'-':>26}"
+        print(f"{label:<32}{hr:>8.3f}{ndcg:>9.3f}{cells}")
+
+
+def planted_seed(catalogue_options: dict, acf_options: dict, preset: str | None, baseline_options: dict[str, dict]) -> dict:
+    """Fit and print every model on one planted catalogue; per model: (metrics, per-user HR@10,
+    per-user NDCG@10) on the test users."""
     import tempfile
 
     import torch
@@ -150,11 +184,10 @@ def planted_table(
     from acfrec.models import get_model
 
     torch.set_num_threads(1)
-    catalogue_options = {**(PRESETS[preset] if preset else {}), **(catalogue_options or {})}
-    catalogue = planted_catalogue(**{"seed": 0, **catalogue_options})
+    catalogue_options = {**(PRESETS[preset] if preset else {}), **catalogue_options}
+    catalogue = planted_catalogue(**catalogue_options)
     split = leave_one_out(Interactions.from_frame(catalogue.interactions, timestamp_col="timestamp"), seed=0)
     aligned = catalogue.write_store(Path(tempfile.mkdtemp()) / "frames", dim=32).align(split.items, 10)
-    baseline_options = baseline_options or {}
     models = {name: get_model(name)(**({} if name in ("itempop", "als") else {"progress": False}), **baseline_options.get(name, {}))
               for name in ("itempop", "bpr-mf", "fism", "svdpp", "als")}
     for label, options in ABLATIONS.items():
@@ -163,8 +196,11 @@ def planted_table(
           f"interactions; ACF options {acf_options}; baseline options {baseline_options}")
     print(f"{'model':<32}{'HR@10':>8}{'NDCG@10':>9}{'liked frames':>14}{'clicks':>8}")
     users = split.eval_users("test")
+    results = {}
     for label, model in models.items():
-        metrics = evaluate(model.fit(split), split, protocols=("full",), ks=(10,)).metrics["full"]
+        report = evaluate(model.fit(split), split, protocols=("full",), ks=(10,))
+        metrics = report.metrics["full"]
+        results[label] = metrics, report.per_user("HR@10", "full"), report.per_user("NDCG@10", "full")
         frames = clicks = "-"
         if label.startswith("acf"):
             attention = model.attention(users)
@@ -174,6 +210,7 @@ def planted_table(
         print(f"{label:<32}{metrics['HR@10']:>8.3f}{metrics['NDCG@10']:>9.3f}{frames:>14}{clicks:>8}", flush=True)
     print("liked frames: component attention's mass on the liked frames / uniform's; clicks: item attention's "
           "weight on content-blind clicks / on chosen items (1 = uniform)")
+    return results
 
 
 def main() -> None:
@@ -189,6 +226,7 @@ def main() -> None:
     parser.add_argument("--catalogue", dest="catalogue_options", nargs="+", default=[], metavar="KEY=VALUE",
                         help="planted_catalogue arguments for --planted (YAML values; default seed 0)")
     parser.add_argument("--preset", help="a named planted catalogue (acfrec.datasets.catalogue.PRESETS) for --planted")
+    parser.add_argument("--seeds", type=int, nargs="+", help="catalogue seeds for --planted: a table each, then pooled")
     parser.add_argument("--baseline-set", dest="baseline_options", nargs="+", default=[], metavar="MODEL.KEY=VALUE",
                         help="baseline options for --planted (YAML values), e.g. als.regularization=10")
     args = parser.parse_args()
@@ -204,7 +242,7 @@ def main() -> None:
             if name not in ("itempop", "bpr-mf", "fism", "svdpp", "als") or not option:
                 sys.exit(f"--baseline-set takes MODEL.KEY=VALUE with MODEL one of itempop bpr-mf fism svdpp als, got {key!r}")
             baselines.setdefault(name, {})[option] = value
-        planted_table(parse(args.acf_options), parse(args.catalogue_options), args.preset, baselines)
+        planted_table(parse(args.acf_options), parse(args.catalogue_options), args.preset, baselines, args.seeds)
         return
     if args.one:
         print(json.dumps(run_one(args.one, args.data, args.batch_size, args.threads)))
