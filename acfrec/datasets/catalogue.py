@@ -275,11 +275,11 @@ PRESETS: dict[str, dict[str, object]] = {
     # FISM 0.248 / 0.149 and 0.257 / 0.160, SVD++ 0.258 / 0.149 and 0.252 / 0.157, BPR-MF
     # 0.221 / 0.132 and 0.231 / 0.141; ACF without a user vector (user_embedding=False,
     # history_smoothing=1, no pre-training, lr 0.005, content_in_history, profile_query,
-    # frame_agreement=5, input scaling) 0.263 / 0.156 and 0.282 / 0.174, its component attention
-    # off 0.248 / 0.148 and 0.260 / 0.156, its item attention off 0.270 / 0.157 and 0.277 / 0.171.
-    # Where its attention goes (seed 0 / 1): 2.41 / 2.50x the uniform weight on the liked frames
-    # (Catalogue.liked_frame_ratio); the content-blind clicks get 0.81x their uniform share of
-    # alpha at seed 1 (Catalogue.click_weight_ratio): item attention finds the clicks, but with clicks
+    # frame_agreement=5, input scaling) 0.251 / 0.154 and 0.281 / 0.175, its component attention
+    # off 0.248 / 0.148 and 0.260 / 0.156, its item attention off 0.247 / 0.150 and 0.275 / 0.171.
+    # Where its attention goes (seed 0 / 1): 2.23 / 2.46x the uniform weight on the liked frames
+    # (Catalogue.liked_frame_ratio); the content-blind clicks get 0.78 / 0.79x their uniform share
+    # of alpha (Catalogue.click_weight_ratio): item attention finds the clicks, but with clicks
     # uniform over the catalogue, discounting them does not move the ranking (README).
     "legible": {
         "n_users": 3000, "n_items": 300, "interactions_per_user": (6, 12), "noise": 0.3,
