@@ -46,7 +46,9 @@ content-blind clicks relative to the chosen items (``Catalogue.click_weight_rati
 
 ``--seeds`` prints one table per catalogue seed, then each model's mean over the seeds and its
 per-user paired difference to ACF pooled over all the seeds' test users, with its standard error
-(the README's "stray" tables come from the command above).
+(the README's "stray" tables come from the command above). ``--model-seeds`` trains every model
+at each of these seeds too (one run's own variance is about as large as the attention levels'
+effects there), and pools the runs.
 
 (ACF pre-trains on FISM by default; ``--set pretrain=null`` trains it from scratch. ``--preset``
 starts from a named catalogue of :data:`acfrec.datasets.catalogue.PRESETS`, ``--catalogue``
@@ -147,18 +149,25 @@ def planted_table(
     preset: str | None = None,
     baseline_options: dict[str, dict] | None = None,
     seeds: list[int] | None = None,
+    model_seeds: list[int] | None = None,
 ) -> None:
-    """One table per catalogue seed; with several seeds, then each model's mean and its per-user
-    paired difference to ACF pooled over the seeds' test users (independent users, so the
-    standard error of the pooled mean is ``std / sqrt(n)``)."""
+    """One table per catalogue seed and model seed (every model's ``seed``); with several, then
+    each model's mean and its per-user paired difference to ACF pooled over every run (ACF and
+    the model trained with the same model seed on the same catalogue). Over catalogue seeds the
+    users are independent; over model seeds of one catalogue they are not, so the standard error
+    ``std / sqrt(n)`` is then a rough guide, and a small one."""
     import numpy as np
 
     catalogue_options = catalogue_options or {}
     seeds = seeds or [catalogue_options.get("seed", 0)]
-    runs = [planted_seed({**catalogue_options, "seed": seed}, acf_options, preset, baseline_options or {}) for seed in seeds]
+    runs = [
+        planted_seed({**catalogue_options, "seed": seed}, acf_options, preset, baseline_options or {}, model_seed)
+        for seed in seeds
+        for model_seed in model_seeds or [0]
+    ]
     if len(runs) < 2:
         return
-    print(f"\nseeds {seeds} pooled ({sum(len(r['acf'][2]) for r in runs)} test users): mean HR@10 / NDCG@10, "
+    print(f"\nseeds {seeds}, model seeds {model_seeds or [0]} pooled ({sum(len(r['acf'][2]) for r in runs)} test users): mean HR@10 / NDCG@10, "
           "and ACF minus the model per user (standard error)")
     print(f"{'model':<32}{'HR@10':>8}{'NDCG@10':>9}{'ACF - model HR@10':>26}{'ACF - model NDCG@10':>26}")
     for label in runs[0]:
@@ -170,9 +179,11 @@ def planted_table(
         print(f"{label:<32}{hr:>8.3f}{ndcg:>9.3f}{cells}")
 
 
-def planted_seed(catalogue_options: dict, acf_options: dict, preset: str | None, baseline_options: dict[str, dict]) -> dict:
-    """Fit and print every model on one planted catalogue; per model: (metrics, per-user HR@10,
-    per-user NDCG@10) on the test users."""
+def planted_seed(
+    catalogue_options: dict, acf_options: dict, preset: str | None, baseline_options: dict[str, dict], model_seed: int = 0
+) -> dict:
+    """Fit (every model with ``seed=model_seed``) and print every model on one planted catalogue;
+    per model: (metrics, per-user HR@10, per-user NDCG@10) on the test users."""
     import tempfile
 
     import torch
@@ -188,12 +199,16 @@ def planted_seed(catalogue_options: dict, acf_options: dict, preset: str | None,
     catalogue = planted_catalogue(**catalogue_options)
     split = leave_one_out(Interactions.from_frame(catalogue.interactions, timestamp_col="timestamp"), seed=0)
     aligned = catalogue.write_store(Path(tempfile.mkdtemp()) / "frames", dim=32).align(split.items, 10)
-    models = {name: get_model(name)(**({} if name in ("itempop", "als") else {"progress": False}), **baseline_options.get(name, {}))
-              for name in ("itempop", "bpr-mf", "fism", "svdpp", "als")}
+    models = {
+        name: get_model(name)(
+            **({} if name in ("itempop", "als") else {"progress": False}), **{"seed": model_seed, **baseline_options.get(name, {})}
+        )
+        for name in ("itempop", "bpr-mf", "fism", "svdpp", "als")
+    }
     for label, options in ABLATIONS.items():
-        models[label] = get_model("acf")(components=aligned, progress=False, **{**acf_options, **options})
+        models[label] = get_model("acf")(components=aligned, progress=False, **{"seed": model_seed, **acf_options, **options})
     print(f"planted catalogue {preset or ''} {catalogue_options}: {split.n_users} users, {split.n_items} items, {split.train.nnz} training "
-          f"interactions; ACF options {acf_options}; baseline options {baseline_options}")
+          f"interactions; model seed {model_seed}; ACF options {acf_options}; baseline options {baseline_options}")
     print(f"{'model':<32}{'HR@10':>8}{'NDCG@10':>9}{'liked frames':>14}{'clicks':>8}")
     users = split.eval_users("test")
     results = {}
@@ -227,6 +242,7 @@ def main() -> None:
                         help="planted_catalogue arguments for --planted (YAML values; default seed 0)")
     parser.add_argument("--preset", help="a named planted catalogue (acfrec.datasets.catalogue.PRESETS) for --planted")
     parser.add_argument("--seeds", type=int, nargs="+", help="catalogue seeds for --planted: a table each, then pooled")
+    parser.add_argument("--model-seeds", type=int, nargs="+", help="every model's seed for --planted (default 0): a table each")
     parser.add_argument("--baseline-set", dest="baseline_options", nargs="+", default=[], metavar="MODEL.KEY=VALUE",
                         help="baseline options for --planted (YAML values), e.g. als.regularization=10")
     args = parser.parse_args()
@@ -242,7 +258,7 @@ def main() -> None:
             if name not in ("itempop", "bpr-mf", "fism", "svdpp", "als") or not option:
                 sys.exit(f"--baseline-set takes MODEL.KEY=VALUE with MODEL one of itempop bpr-mf fism svdpp als, got {key!r}")
             baselines.setdefault(name, {})[option] = value
-        planted_table(parse(args.acf_options), parse(args.catalogue_options), args.preset, baselines, args.seeds)
+        planted_table(parse(args.acf_options), parse(args.catalogue_options), args.preset, baselines, args.seeds, args.model_seeds)
         return
     if args.one:
         print(json.dumps(run_one(args.one, args.data, args.batch_size, args.threads)))
