@@ -160,15 +160,15 @@ def planted_table(
 
     catalogue_options = catalogue_options or {}
     seeds = seeds or [catalogue_options.get("seed", 0)]
-    runs = [
-        planted_seed({**catalogue_options, "seed": seed}, acf_options, preset, baseline_options or {}, model_seed)
-        for seed in seeds
-        for model_seed in model_seeds or [0]
-    ]
+    model_seeds = model_seeds or [0]
+    runs = []
+    for seed in seeds:
+        case = planted_case({**catalogue_options, "seed": seed}, preset)  # built once for every model seed
+        runs += [planted_seed(case, acf_options, baseline_options or {}, model_seed) for model_seed in model_seeds]
     if len(runs) < 2:
         return
-    print(f"\nseeds {seeds}, model seeds {model_seeds or [0]} pooled ({sum(len(r['acf'][2]) for r in runs)} test users): mean HR@10 / NDCG@10, "
-          "and ACF minus the model per user (standard error)")
+    print(f"\nseeds {seeds}, model seeds {model_seeds} pooled ({sum(len(r['acf'][2]) for r in runs)} per-user differences): "
+          "mean HR@10 / NDCG@10, and ACF minus the model per user (standard error)")
     print(f"{'model':<32}{'HR@10':>8}{'NDCG@10':>9}{'ACF - model HR@10':>26}{'ACF - model NDCG@10':>26}")
     for label in runs[0]:
         hr, ndcg = (np.mean([r[label][0][metric] for r in runs]) for metric in ("HR@10", "NDCG@10"))
@@ -179,26 +179,32 @@ def planted_table(
         print(f"{label:<32}{hr:>8.3f}{ndcg:>9.3f}{cells}")
 
 
-def planted_seed(
-    catalogue_options: dict, acf_options: dict, preset: str | None, baseline_options: dict[str, dict], model_seed: int = 0
-) -> dict:
-    """Fit (every model with ``seed=model_seed``) and print every model on one planted catalogue;
-    per model: (metrics, per-user HR@10, per-user NDCG@10) on the test users."""
+def planted_case(catalogue_options: dict, preset: str | None) -> tuple:
+    """One planted catalogue (preset ``preset`` overridden by ``catalogue_options``), with its
+    description, leave-one-out split and aligned pixel-PCA frames."""
     import tempfile
-
-    import torch
 
     from acfrec.data.interactions import Interactions
     from acfrec.data.splitting import leave_one_out
     from acfrec.datasets.catalogue import PRESETS, planted_catalogue
-    from acfrec.eval.evaluate import evaluate
-    from acfrec.models import get_model
 
-    torch.set_num_threads(1)
     catalogue_options = {**(PRESETS[preset] if preset else {}), **catalogue_options}
     catalogue = planted_catalogue(**catalogue_options)
     split = leave_one_out(Interactions.from_frame(catalogue.interactions, timestamp_col="timestamp"), seed=0)
     aligned = catalogue.write_store(Path(tempfile.mkdtemp()) / "frames", dim=32).align(split.items, 10)
+    return f"{preset or ''} {catalogue_options}", catalogue, split, aligned
+
+
+def planted_seed(case: tuple, acf_options: dict, baseline_options: dict[str, dict], model_seed: int = 0) -> dict:
+    """Fit (every model with ``seed=model_seed``) and print every model on one :func:`planted_case`;
+    per model: (metrics, per-user HR@10, per-user NDCG@10) on the test users."""
+    import torch
+
+    from acfrec.eval.evaluate import evaluate
+    from acfrec.models import get_model
+
+    torch.set_num_threads(1)
+    description, catalogue, split, aligned = case
     models = {
         name: get_model(name)(
             **({} if name in ("itempop", "als") else {"progress": False}), **{"seed": model_seed, **baseline_options.get(name, {})}
@@ -207,7 +213,7 @@ def planted_seed(
     }
     for label, options in ABLATIONS.items():
         models[label] = get_model("acf")(components=aligned, progress=False, **{"seed": model_seed, **acf_options, **options})
-    print(f"planted catalogue {preset or ''} {catalogue_options}: {split.n_users} users, {split.n_items} items, {split.train.nnz} training "
+    print(f"planted catalogue {description}: {split.n_users} users, {split.n_items} items, {split.train.nnz} training "
           f"interactions; model seed {model_seed}; ACF options {acf_options}; baseline options {baseline_options}")
     print(f"{'model':<32}{'HR@10':>8}{'NDCG@10':>9}{'liked frames':>14}{'clicks':>8}")
     users = split.eval_users("test")
