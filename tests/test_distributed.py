@@ -47,13 +47,15 @@ WORKER_MODELS = {
     "svdpp": {"dim": 8, "epochs": 2, "seed": 3},
     "acf": {"dim": 8, "attention_dim": 4, "epochs": 2, "seed": 3},
     "acf-no-item-attention": {"dim": 8, "attention_dim": 4, "epochs": 2, "seed": 3, "item_attention": False},
+    # the weight average is kept by every rank and must agree across them
+    "bpr-mf-averaged": {"dim": 8, "epochs": 3, "lr": 0.01, "seed": 3, "average_half_life": 0.5},
 }
 RESUME = {"dim": 8, "lr": 0.01, "seed": 5, "patience": 0}
 
 
 def _model(name: str, **options):
     options = {**WORKER_MODELS.get(name, {}), "progress": False, **options}
-    return get_model(name.removesuffix("-no-item-attention"))(**options)
+    return get_model(name.removesuffix("-no-item-attention").removesuffix("-averaged"))(**options)
 
 
 def _worker(rank: int, port: int, split_dir: str, out: str) -> None:

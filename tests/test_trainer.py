@@ -161,3 +161,52 @@ def test_weight_decay_shrinks_embeddings() -> None:
     plain = BPRMF(**BASE, epochs=5, lr=0.05, weight_decay=0.0).fit(data.train)
     decayed = BPRMF(**BASE, epochs=5, lr=0.05, weight_decay=0.5).fit(data.train)
     assert decayed.module.user.weight.norm() < 0.5 * plain.module.user.weight.norm()
+
+
+def test_weight_average_spans_the_raw_run_and_the_start() -> None:
+    """A half-life far below one step keeps the last step's weights (the unaveraged run); one far
+    above the run keeps the starting weights; one epoch lands between them."""
+    data = random_data()
+    options = {**BASE, "epochs": 4, "patience": 0, "lr": 0.05}
+    raw = weights(BPRMF(**options).fit(data))
+    start = weights(BPRMF(**{**options, "epochs": 0}).fit(data))
+    instant = weights(BPRMF(**options, average_half_life=1e-9).fit(data))
+    frozen = weights(BPRMF(**options, average_half_life=1e9).fit(data))
+    averaged = weights(BPRMF(**options, average_half_life=1.0).fit(data))
+    for key in raw:
+        torch.testing.assert_close(instant[key], raw[key], rtol=0, atol=1e-6)
+        torch.testing.assert_close(frozen[key], start[key], rtol=0, atol=1e-6)
+    moved, travelled = (averaged["item.weight"] - start["item.weight"]).norm(), (raw["item.weight"] - start["item.weight"]).norm()
+    assert 0.2 * travelled < moved < travelled and not torch.equal(averaged["item.weight"], raw["item.weight"])
+
+
+def test_weight_average_is_what_validation_scores_and_the_model_keeps() -> None:
+    data = random_data()
+    model = built(data, epochs=5, patience=0, lr=0.05, average_half_life=1.0)
+    validated = []
+    history = Trainer(model.config, validator=lambda m, d: validated.append(weights(m)) or float(len(validated) == 3)).fit(
+        model, data
+    )
+    assert [e["valid_ndcg"] for e in history] == [0.0, 0.0, 1.0, 0.0, 0.0]
+    for key, value in weights(model).items():  # the best-scored state is the average seen at epoch 3
+        assert torch.equal(value, validated[2][key]), key
+    trained_on = BPRMF(**{**BASE, "epochs": 5, "patience": 0, "lr": 0.05}).fit(data.train)
+    assert not torch.equal(validated[-1]["item.weight"], weights(trained_on)["item.weight"])
+
+
+@pytest.mark.parametrize("name", ["bpr-mf", "acf"])
+def test_interrupted_averaged_run_resumes_to_identical_weights(tmp_path, name: str) -> None:
+    data = random_data()
+    options = {**BASE, "patience": 0, "average_half_life": 0.5}
+    straight = get_model(name)(**options, epochs=4).fit(data)
+    get_model(name)(**options, epochs=2, checkpoint_dir=str(tmp_path)).fit(data)
+    resumed = get_model(name)(**options, epochs=4, checkpoint_dir=str(tmp_path)).fit(data)
+    assert [e["valid_ndcg"] for e in resumed.history] == [e["valid_ndcg"] for e in straight.history]
+    for key, value in straight.module.state_dict().items():
+        assert torch.equal(resumed.module.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("half_life", [-1.0, float("nan")])
+def test_bad_average_half_life_is_refused(half_life: float) -> None:
+    with pytest.raises(ValueError, match="average_half_life must be >= 0"):
+        BPRMF(**BASE, average_half_life=half_life).fit(random_data().train)

@@ -430,6 +430,12 @@ class TorchConfig(ModelConfig):
     patience: int = 5  # epochs without validation NDCG@eval_k improvement before stopping
     eval_every: int = 1
     eval_k: int = 10
+    # Half-life, in epochs, of an exponential moving average of the weights (0: off). When on,
+    # validation, early stopping and the fitted model use the average, not the last step's
+    # weights: it smooths the sampling noise of the last steps, which otherwise moves a single
+    # run's ranking by about as much as the effects the planted benchmarks measure
+    # (benchmarks/FINDINGS.md, "Weight averaging").
+    average_half_life: float = 0.0
     checkpoint_dir: str | None = None  # resume an interrupted run from here when set
     device: str = "cpu"
     progress: bool = True

@@ -23,12 +23,13 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from acfrec.data.sampler import BPRSampler
@@ -67,6 +68,7 @@ class _Progress:
     best_epoch: int = 0
     bad_epochs: int = 0
     stopped: bool = False  # early stopping fired
+    average: list[torch.Tensor] | None = None  # the weight average (config.average_half_life), one per parameter
 
 
 class Trainer:
@@ -92,6 +94,8 @@ class Trainer:
                 f"epochs={config.epochs}, batch_size={config.batch_size}, "
                 f"n_negatives={config.n_negatives}, eval_every={config.eval_every}"
             )
+        if not config.average_half_life >= 0:  # NaN too
+            raise ValueError(f"average_half_life must be >= 0 (in epochs; 0 is off), got {config.average_half_life}")
         self.config = config
         self.callbacks = list(callbacks)
         self.validator = validator or default_validator
@@ -123,18 +127,19 @@ class Trainer:
         if checkpoint is not None:
             progress = _resume(checkpoint, identity, module, optimizer, sampler, replicas) or progress
         loss_function = replicas.loss_function(model, sampler)
+        average = _WeightAverage.start(module, config.average_half_life, len(sampler), progress)
         if validate and progress.epoch == 0 and model.starts_trained:
             # A pre-trained start is a candidate too: if training on only lowers the validation
             # score, the start is kept (recorded as epoch 0 with no loss).
             entry = {"epoch": 0, "loss": None, "valid_ndcg": None, "seconds": 0.0, "pairs_per_second": 0.0}
-            self._validate(model, data, progress, entry, replicas)
+            self._validate(model, data, progress, entry, replicas, average)
             progress.history.append(entry)
 
         while progress.epoch < config.epochs and not progress.stopped:
             epoch = progress.epoch + 1
-            entry = self._train_epoch(model, sampler, optimizer, epoch, loss_function, replicas)
+            entry = self._train_epoch(model, sampler, optimizer, epoch, loss_function, replicas, average)
             if validate and epoch % config.eval_every == 0:
-                self._validate(model, data, progress, entry, replicas)
+                self._validate(model, data, progress, entry, replicas, average)
             progress.epoch = epoch
             progress.history.append(entry)
             if checkpoint is not None:
@@ -144,20 +149,30 @@ class Trainer:
 
         if progress.best_state is not None:
             module.load_state_dict(progress.best_state)
+        elif average is not None:  # no validation: the average of the last epochs is the model
+            average.load_into(module)
         module.eval()
         replicas.barrier()
         return progress.history
 
     def _validate(
-        self, model: TorchRecommender, data: TrainData, progress: _Progress, entry: dict[str, Any], replicas: Replicas
+        self,
+        model: TorchRecommender,
+        data: TrainData,
+        progress: _Progress,
+        entry: dict[str, Any],
+        replicas: Replicas,
+        average: _WeightAverage | None,
     ) -> None:
-        """Score ``model`` on validation into ``entry`` (its seconds included) and track the best state."""
+        """Score ``model`` (its weight average, when kept) on validation into ``entry`` (its
+        seconds included) and track the best state."""
         assert model.module is not None
         start = time.perf_counter()
         model.module.eval()
-        entry["valid_ndcg"] = replicas.from_main(lambda: self.validator(model, data))
+        with contextlib.nullcontext() if average is None else average.swapped_in(model.module):
+            entry["valid_ndcg"] = replicas.from_main(lambda: self.validator(model, data))
+            _track_best(progress, model.module, entry["epoch"], entry["valid_ndcg"], self.config.patience)
         entry["seconds"] += time.perf_counter() - start
-        _track_best(progress, model.module, entry["epoch"], entry["valid_ndcg"], self.config.patience)
 
     def _train_epoch(
         self,
@@ -167,6 +182,7 @@ class Trainer:
         epoch: int,
         loss_function: LossFunction,
         replicas: Replicas,
+        average: _WeightAverage | None = None,
     ) -> dict[str, Any]:
         assert model.module is not None
         model.module.train()
@@ -191,6 +207,8 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if average is not None:
+                average.update(model.module)
             pairs = users.numel() * replicas.world_size  # every rank's step is the same size
             total_loss += value * pairs
             n_pairs += pairs
@@ -202,6 +220,58 @@ class Trainer:
             "seconds": seconds,
             "pairs_per_second": n_pairs / max(seconds, 1e-9),
         }
+
+
+class _WeightAverage:
+    """An exponential moving average of a module's parameters, updated after every step.
+
+    Its decay per step is set from a half-life in epochs, so the same setting means the same
+    smoothing whatever the batch size. The tensors live in :class:`_Progress` (``average``), so a
+    checkpoint carries them and a resumed run continues the same average.
+    """
+
+    def __init__(self, tensors: list[torch.Tensor], decay: float) -> None:
+        self.tensors = tensors
+        self._update = get_ema_multi_avg_fn(decay)
+
+    @classmethod
+    def start(
+        cls, module: torch.nn.Module, half_life_epochs: float, steps_per_epoch: int, progress: _Progress
+    ) -> _WeightAverage | None:
+        """The average for this run (None when ``half_life_epochs`` is 0), kept in ``progress``.
+
+        A fresh run starts it at the current weights (a pre-trained start included); a resumed
+        run continues the checkpoint's.
+        """
+        if half_life_epochs == 0:
+            return None
+        parameters = list(module.parameters())
+        if progress.average is None:
+            progress.average = [parameter.detach().clone() for parameter in parameters]
+        else:  # a checkpoint is read onto the CPU
+            progress.average = [averaged.to(p.device) for averaged, p in zip(progress.average, parameters, strict=True)]
+        decay = 0.5 ** (1.0 / (half_life_epochs * max(steps_per_epoch, 1)))
+        return cls(progress.average, decay)
+
+    def update(self, module: torch.nn.Module) -> None:
+        self._update(self.tensors, [parameter.detach() for parameter in module.parameters()], None)
+
+    def load_into(self, module: torch.nn.Module) -> None:
+        with torch.no_grad():
+            for parameter, averaged in zip(module.parameters(), self.tensors, strict=True):
+                parameter.copy_(averaged)
+
+    @contextlib.contextmanager
+    def swapped_in(self, module: torch.nn.Module) -> Iterator[None]:
+        """The average in ``module``'s parameters for the block; the trained weights after it."""
+        trained = [parameter.detach().clone() for parameter in module.parameters()]
+        self.load_into(module)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for parameter, weights in zip(module.parameters(), trained, strict=True):
+                    parameter.copy_(weights)
 
 
 def _track_best(progress: _Progress, module: torch.nn.Module, epoch: int, score: float, patience: int) -> None:
