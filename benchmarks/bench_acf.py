@@ -38,17 +38,19 @@ content-blind clicks relative to the chosen items (``Catalogue.click_weight_rati
         frame_agreement=5 scale_attention_inputs=true --baseline-set als.regularization=10
     python benchmarks/bench_acf.py --planted --preset stray --seeds 0 1 2 3 4 5 --set user_embedding=false \
         history_smoothing=1 pretrain=null lr=0.002 content_in_history=true profile_query=true \
-        frame_agreement=5 scale_attention_inputs=true \
-        --baseline-set als.factors=64 als.iterations=10 als.regularization=10   # ~20 min on one core
+        frame_agreement=5 scale_attention_inputs=true average_half_life=1 \
+        --baseline-set als.factors=64 als.iterations=10 als.regularization=10   # ~25 min on one core
     python benchmarks/bench_acf.py --planted --preset sparse --catalogue n_users=2000 n_items=3000 \
         --set content_in_history=true profile_query=true frame_agreement=5 scale_attention_inputs=true \
         content_tower=true tower_training=joint tower_blend=0.5     # ~30 min on one core
 
 ``--seeds`` prints one table per catalogue seed, then each model's mean over the seeds and its
 per-user paired difference to ACF pooled over all the seeds' test users, with its standard error
-(the README's "stray" tables come from the command above). ``--model-seeds`` trains every model
-at each of these seeds too (one run's own variance is about as large as the attention levels'
-effects there), and pools the runs.
+(the README's "stray" tables come from the command above; its "+ average" rows add
+``fism.average_half_life=1 svdpp.average_half_life=1 bpr-mf.average_half_life=1`` to
+``--baseline-set``). ``--model-seeds`` trains every model at each of these seeds too (without the
+weight average one run's own variance was about as large as the attention levels' effects there),
+and pools the runs.
 
 (ACF pre-trains on FISM by default; ``--set pretrain=null`` trains it from scratch. ``--preset``
 starts from a named catalogue of :data:`acfrec.datasets.catalogue.PRESETS`, ``--catalogue``

@@ -566,6 +566,12 @@ def test_fism_pretraining_starts_acf_at_fism(planted):
     assert not start.module.user.weight.any()
     again = ACF(components=aligned, epochs=0, pretrain="fism", pretrain_epochs=3, **stage).fit(split)
     torch.testing.assert_close(again.score_all(users), start.score_all(users), rtol=0, atol=0)
+    # the FISM stage keeps the same weight average as ACF
+    averaged = {**stage, "average_half_life": 1.0}
+    fism_averaged = get_model("fism")(epochs=3, **{k: v for k, v in averaged.items() if k != "max_history"}).fit(split)
+    start_averaged = ACF(components=aligned, epochs=0, pretrain="fism", pretrain_epochs=3, **averaged).fit(split)
+    torch.testing.assert_close(start_averaged.score_all(users), fism_averaged.score_all(users), rtol=0, atol=1e-6)
+    assert not torch.allclose(fism_averaged.score_all(users), fism.score_all(users))
     with pytest.raises(ValueError, match="pretrain must be None or one of"):
         ACF(components=aligned, **{**FAST, "pretrain": "svd"}).fit(split)
 

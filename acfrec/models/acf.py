@@ -206,7 +206,8 @@ class ACFConfig(TorchConfig):
     item vectors, and every item scored from content alone (target ``v_j``, ``b_j`` from the tower, as
     a cold item is). The best warm epoch alone comes before the tower has learned anything.
 
-    The FISM stage shares ``epochs`` and ``patience`` unless ``pretrain_epochs`` is set.
+    The FISM stage shares ``epochs`` and ``patience`` unless ``pretrain_epochs`` is set, and
+    ``average_half_life`` always.
 
     Whether component attention finds the liked frames on the planted presets, and with which
     options: benchmarks/FINDINGS.md, section 7.
@@ -1195,7 +1196,7 @@ class ACF(TorchRecommender):
             weight_decay=config.weight_decay, alpha=config.history_smoothing,
             epochs=config.epochs if config.pretrain_epochs is None else config.pretrain_epochs,
             lr=config.pretrain_lr, patience=config.patience, eval_k=config.eval_k, device=config.device,
-            progress=config.progress, num_threads=config.num_threads,
+            progress=config.progress, num_threads=config.num_threads, average_half_life=config.average_half_life,
         )
         fism.fit(data)
         torch.manual_seed(config.seed)
