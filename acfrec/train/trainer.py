@@ -182,7 +182,7 @@ class Trainer:
         epoch: int,
         loss_function: LossFunction,
         replicas: Replicas,
-        average: _WeightAverage | None = None,
+        average: _WeightAverage | None,
     ) -> dict[str, Any]:
         assert model.module is not None
         model.module.train()
@@ -257,9 +257,7 @@ class _WeightAverage:
         self._update(self.tensors, [parameter.detach() for parameter in module.parameters()], None)
 
     def load_into(self, module: torch.nn.Module) -> None:
-        with torch.no_grad():
-            for parameter, averaged in zip(module.parameters(), self.tensors, strict=True):
-                parameter.copy_(averaged)
+        _copy_into_parameters(module, self.tensors)
 
     @contextlib.contextmanager
     def swapped_in(self, module: torch.nn.Module) -> Iterator[None]:
@@ -269,9 +267,14 @@ class _WeightAverage:
         try:
             yield
         finally:
-            with torch.no_grad():
-                for parameter, weights in zip(module.parameters(), trained, strict=True):
-                    parameter.copy_(weights)
+            _copy_into_parameters(module, trained)
+
+
+def _copy_into_parameters(module: torch.nn.Module, tensors: list[torch.Tensor]) -> None:
+    """Overwrite ``module``'s parameters, in order, with ``tensors``."""
+    with torch.no_grad():
+        for parameter, values in zip(module.parameters(), tensors, strict=True):
+            parameter.copy_(values)
 
 
 def _track_best(progress: _Progress, module: torch.nn.Module, epoch: int, score: float, patience: int) -> None:
