@@ -63,16 +63,7 @@ def test_loss_decreases_and_progress_bar_runs() -> None:
 
 
 def test_early_stopping_stops_after_patience_and_restores_best() -> None:
-    data = random_data()
-    model = built(data, epochs=20, patience=2)
-    scores = iter([0.1, 0.3, 0.2, 0.25, 0.9, 0.9])
-    snapshots = {}
-
-    def validator(model, data) -> float:
-        snapshots[len(snapshots) + 1] = weights(model)
-        return next(scores)
-
-    history = Trainer(model.config, validator=validator).fit(model, data)
+    history, model, snapshots = _run_on_curve(random_data(), [0.1, 0.3, 0.2, 0.25, 0.9, 0.9], epochs=20, patience=2)
     # best 0.3 at epoch 2, then two epochs without improvement: stop after epoch 4
     assert [e["epoch"] for e in history] == [1, 2, 3, 4]
     assert [e["valid_ndcg"] for e in history] == [0.1, 0.3, 0.2, 0.25]
@@ -80,6 +71,40 @@ def test_early_stopping_stops_after_patience_and_restores_best() -> None:
     for key, value in snapshots[2].items():
         assert torch.equal(final[key], value)
     assert not torch.equal(final["item.weight"], snapshots[4]["item.weight"])
+
+
+def _run_on_curve(data: TrainData, curve: list[float], **options) -> tuple[list[dict], BPRMF, dict]:
+    """Train with validation scores read from ``curve``; also return the weights each epoch validated."""
+    model = built(data, **options)
+    scores = iter(curve)
+    snapshots: dict[int, dict[str, torch.Tensor]] = {}
+
+    def validator(model, data) -> float:
+        snapshots[len(snapshots) + 1] = weights(model)
+        return next(scores)
+
+    return Trainer(model.config, validator=validator).fit(model, data), model, snapshots
+
+
+def test_min_epochs_outlasts_a_dip_and_still_keeps_the_best_epoch() -> None:
+    data = random_data()
+    # a dip after epoch 1 longer than the patience, then a better epoch
+    curve = [0.3, 0.2, 0.2, 0.2, 0.5, 0.4, 0.4, 0.4, 0.4, 0.4]
+    stopped_at = {}
+    for min_epochs in (0, 4, 9):
+        history, model, snapshots = _run_on_curve(data, curve, epochs=20, patience=2, min_epochs=min_epochs)
+        stopped_at[min_epochs] = history[-1]["epoch"]
+        best = 5 if min_epochs >= 5 else 1
+        for key, value in snapshots[best].items():
+            assert torch.equal(model.module.state_dict()[key], value), (min_epochs, key)
+    # patience alone stops in the dip; a minimum inside the dip stops as soon as it is reached;
+    # one past the dip finds the better epoch and then stops at the minimum, not before
+    assert stopped_at == {0: 3, 4: 4, 9: 9}
+
+
+def test_negative_min_epochs_is_refused() -> None:
+    with pytest.raises(ValueError, match="min_epochs >= 0"):
+        BPRMF(**BASE, min_epochs=-1).fit(random_data().train)
 
 
 def test_validation_every_other_epoch_and_patience_zero_runs_all_epochs() -> None:

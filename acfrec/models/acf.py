@@ -207,7 +207,7 @@ class ACFConfig(TorchConfig):
     a cold item is). The best warm epoch alone comes before the tower has learned anything.
 
     The FISM stage shares ``epochs`` and ``patience`` unless ``pretrain_epochs`` is set, and
-    ``average_half_life`` always.
+    ``min_epochs`` and ``average_half_life`` always.
 
     Whether component attention finds the liked frames on the planted presets, and with which
     options: benchmarks/FINDINGS.md, section 7.
@@ -1195,7 +1195,8 @@ class ACF(TorchRecommender):
             dim=config.dim, seed=config.seed, init_std=config.init_std, item_bias=config.item_bias,
             weight_decay=config.weight_decay, alpha=config.history_smoothing,
             epochs=config.epochs if config.pretrain_epochs is None else config.pretrain_epochs,
-            lr=config.pretrain_lr, patience=config.patience, eval_k=config.eval_k, device=config.device,
+            lr=config.pretrain_lr, patience=config.patience, min_epochs=config.min_epochs, eval_k=config.eval_k,
+            device=config.device,
             progress=config.progress, num_threads=config.num_threads, average_half_life=config.average_half_life,
         )
         fism.fit(data)

@@ -428,6 +428,11 @@ class TorchConfig(ModelConfig):
     weight_decay: float = 0.0  # L2 on the parameters touched by a batch, see each model's _loss
     n_negatives: int = 1
     patience: int = 5  # epochs without validation NDCG@eval_k improvement before stopping
+    # Early stopping cannot fire before this many epochs (0: from the first). A validation curve
+    # that dips after its first epochs for longer than the patience (FISM on the "stray" preset,
+    # benchmarks/FINDINGS.md, "min_epochs") would otherwise stop there; the best epoch is still
+    # the one kept.
+    min_epochs: int = 0
     eval_every: int = 1
     eval_k: int = 10
     # Half-life, in epochs, of an exponential moving average of the weights (0: off). When on,

@@ -88,11 +88,14 @@ class Trainer:
     ) -> None:
         if config.optimizer not in _OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {sorted(_OPTIMIZERS)}, got {config.optimizer!r}")
-        if config.epochs < 0 or config.batch_size < 1 or config.n_negatives < 1 or config.eval_every < 1:
+        if (
+            config.epochs < 0 or config.batch_size < 1 or config.n_negatives < 1 or config.eval_every < 1
+            or config.min_epochs < 0
+        ):
             raise ValueError(
-                "need epochs >= 0, batch_size >= 1, n_negatives >= 1 and eval_every >= 1; got "
+                "need epochs >= 0, batch_size >= 1, n_negatives >= 1, eval_every >= 1 and min_epochs >= 0; got "
                 f"epochs={config.epochs}, batch_size={config.batch_size}, "
-                f"n_negatives={config.n_negatives}, eval_every={config.eval_every}"
+                f"n_negatives={config.n_negatives}, eval_every={config.eval_every}, min_epochs={config.min_epochs}"
             )
         if not config.average_half_life >= 0:  # NaN too
             raise ValueError(f"average_half_life must be >= 0 (in epochs; 0 is off), got {config.average_half_life}")
@@ -106,10 +109,10 @@ class Trainer:
         History entries: ``{epoch, loss, valid_ndcg, seconds, pairs_per_second}`` where
         ``valid_ndcg`` is None on epochs without validation. A model that ``starts_trained``
         (pre-trained) is validated before training too, as epoch 0 (``loss`` None), and kept
-        when no epoch beats it. With validation, training stops
-        after ``patience`` evaluations without improvement (``patience <= 0``: never) and the
-        best evaluated epoch's weights are restored. With ``checkpoint_dir`` set, a run resumes
-        from ``checkpoint_dir/last.pt`` and ends exactly where an uninterrupted run would.
+        when no epoch beats it. With validation, training stops after ``patience`` evaluations
+        without improvement (``patience <= 0``: never), but not before epoch ``min_epochs``, and
+        the best evaluated epoch's weights are restored. With ``checkpoint_dir`` set, a run
+        resumes from ``checkpoint_dir/last.pt`` and ends exactly where an uninterrupted run would.
         Under several processes every rank returns the same history and ends with the same weights.
         """
         config = self.config
@@ -171,7 +174,7 @@ class Trainer:
         model.module.eval()
         with contextlib.nullcontext() if average is None else average.swapped_in(model.module):
             entry["valid_ndcg"] = replicas.from_main(lambda: self.validator(model, data))
-            _track_best(progress, model.module, entry["epoch"], entry["valid_ndcg"], self.config.patience)
+            _track_best(progress, model.module, entry["epoch"], entry["valid_ndcg"], self.config)
         entry["seconds"] += time.perf_counter() - start
 
     def _train_epoch(
@@ -277,13 +280,13 @@ def _copy_into_parameters(module: torch.nn.Module, tensors: list[torch.Tensor]) 
             parameter.copy_(values)
 
 
-def _track_best(progress: _Progress, module: torch.nn.Module, epoch: int, score: float, patience: int) -> None:
+def _track_best(progress: _Progress, module: torch.nn.Module, epoch: int, score: float, config: TorchConfig) -> None:
     if score > progress.best_score:
         progress.best_score, progress.best_epoch, progress.bad_epochs = score, epoch, 0
         progress.best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
         return
     progress.bad_epochs += 1
-    progress.stopped = patience > 0 and progress.bad_epochs >= patience
+    progress.stopped = 0 < config.patience <= progress.bad_epochs and epoch >= config.min_epochs
 
 
 def _run_identity(model: TorchRecommender, data: TrainData, world_size: int = 1) -> dict[str, Any]:
