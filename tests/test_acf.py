@@ -699,22 +699,21 @@ def test_acf_beats_the_baselines_where_the_frames_are_legible(legible):
 
 @pytest.fixture(scope="module")
 def stray(tmp_path_factory):
-    return _preset_case(tmp_path_factory, "stray", seed=5)
+    return _preset_case(tmp_path_factory, "stray", seed=0)
 
 
 def test_both_attention_levels_matter_where_clicks_miss_the_taste(stray):
     """The "stray" preset: "legible" whose content-blind clicks land outside the user's taste, so
     the frames tell them from choices; ACF's "legible" recipe at its default lr (0.002) with a
-    moving average of the weights (average_half_life=1). Measured at seed 5 (HR@10 / NDCG@10,
-    ~190 s): ACF 0.269 / 0.167, item attention off 0.258 / 0.159, component attention off
-    0.261 / 0.157; the baselines at their defaults SVD++ 0.247 / 0.149, FISM 0.250 / 0.146, BPR-MF
-    0.212 / 0.124; the clicks get 0.71x their uniform share of alpha, the liked frames 2.14x
-    theirs of beta. The evidence is six catalogue seeds x two model seeds (README, "stray"): ACF
-    beats item attention off in 11 of 12 runs (+0.0049 NDCG@10, SE 0.0010 over runs) and component
-    attention off in 10 of 12 (+0.0051, SE 0.0012). Seed 5 was chosen after seeing the runs: with
-    seed 2 it is one of the two seeds where every comparison below holds at model seed 0. At
-    model seed 1 here (0.268 / 0.166, item attention off 0.265 / 0.162, component attention off
-    0.255 / 0.154) all hold but the item-level HR@10 margin (+0.003 < 0.005)."""
+    moving average of the weights (average_half_life=1). Seed 0, the demo's catalogue (HR@10 /
+    NDCG@10, ~150 s): ACF 0.243 / 0.147, item attention off 0.234 / 0.141, component attention
+    off 0.236 / 0.140; the baselines at their defaults SVD++ 0.227 / 0.135, FISM 0.225 / 0.137,
+    BPR-MF 0.207 / 0.121; the clicks get 0.67x their uniform share of alpha, the liked frames
+    2.13x theirs of beta. The evidence is six catalogue seeds x two model seeds (README, "stray"):
+    ACF beats item attention off in 11 of 12 runs (+0.0049 NDCG@10, SE 0.0010 over runs) and
+    component attention off in 10 of 12 (+0.0051, SE 0.0012). A single run is not that evidence:
+    retrained with model seed 1, this catalogue's component-attention ablation ties ACF on HR@10
+    (0.239 each; NDCG@10 0.142 vs 0.145), so the assertions hold for model seed 0, not any seed."""
     catalogue, split, aligned = stray
     full = functools.partial(_full_metrics, split)
 
