@@ -572,6 +572,17 @@ def test_fism_pretraining_starts_acf_at_fism(planted):
     start_averaged = ACF(components=aligned, epochs=0, pretrain="fism", pretrain_epochs=3, **averaged).fit(split)
     torch.testing.assert_close(start_averaged.score_all(users), fism_averaged.score_all(users), rtol=0, atol=1e-6)
     assert not torch.allclose(fism_averaged.score_all(users), fism.score_all(users))
+    # ... and trains at the batch size it is given (FISM's own by default)
+    fism_small_batches = get_model("fism")(
+        epochs=3, batch_size=256, **{k: v for k, v in stage.items() if k != "max_history"}
+    ).fit(split)
+    start_small_batches = ACF(
+        components=aligned, epochs=0, pretrain="fism", pretrain_epochs=3, pretrain_batch_size=256, **stage
+    ).fit(split)
+    torch.testing.assert_close(start_small_batches.score_all(users), fism_small_batches.score_all(users), rtol=0, atol=1e-6)
+    assert not torch.allclose(fism_small_batches.score_all(users), fism.score_all(users))
+    with pytest.raises(ValueError, match="pretrain_batch_size must be None"):
+        ACF(components=aligned, **{**FAST, "pretrain": "fism", "pretrain_batch_size": 0}).fit(split)
     with pytest.raises(ValueError, match="pretrain must be None or one of"):
         ACF(components=aligned, **{**FAST, "pretrain": "svd"}).fit(split)
 

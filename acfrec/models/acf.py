@@ -133,7 +133,11 @@ class ACFConfig(TorchConfig):
             Measured: benchmarks/FINDINGS.md, section 6.
         pretrain_epochs: the FISM stage's maximum epochs (None: ``epochs``); it stops early on
             validation with ACF's ``patience``.
-        pretrain_lr: the FISM stage's learning rate (FISM's default batch size).
+        pretrain_lr: the FISM stage's learning rate.
+        pretrain_batch_size: the FISM stage's batch size (None: FISM's default, 4096). Set it to
+            the FISM baseline's when comparing against one trained at another batch size (the
+            ml100k config's 1024): the stage then trains that very model, and ACF, which keeps
+            its start unless an ACF epoch validates higher, cannot validate below it.
         content_tower: learn a :class:`~acfrec.models.content_tower.ContentTower` that maps an
             item's components to its ``(v_j, p_j, b_j)``, so items nobody has consumed can be
             added (:meth:`ACF.add_items`) and scored. Needs components. An extension of the paper.
@@ -234,6 +238,7 @@ class ACFConfig(TorchConfig):
     pretrain: str | None = "fism"
     pretrain_epochs: int | None = None
     pretrain_lr: float = 0.005
+    pretrain_batch_size: int | None = None
     content_tower: bool = False
     tower_hidden: int = 128
     tower_pooling: str = "mean"
@@ -1185,18 +1190,21 @@ class ACF(TorchRecommender):
             return False
         if self.config.pretrain not in _PRETRAINERS:
             raise ValueError(f"pretrain must be None or one of {sorted(_PRETRAINERS)}, got {self.config.pretrain!r}")
+        if self.config.pretrain_batch_size is not None and not is_int_at_least(self.config.pretrain_batch_size, 1):
+            raise ValueError(f"pretrain_batch_size must be None (FISM's own) or an int >= 1, got {self.config.pretrain_batch_size!r}")
         directory = self.config.checkpoint_dir
         return directory is None or not (Path(directory) / CHECKPOINT_NAME).is_file()
 
     def _pretrained_fism(self, data: TrainData) -> Recommender:
         """The FISM stage, fitted on ``data`` (same seed: repeatable); ACF's RNG is reseeded after it."""
         config = self.config
+        batch = {} if config.pretrain_batch_size is None else {"batch_size": config.pretrain_batch_size}
         fism = get_model(_PRETRAINERS[config.pretrain])(
             dim=config.dim, seed=config.seed, init_std=config.init_std, item_bias=config.item_bias,
             weight_decay=config.weight_decay, alpha=config.history_smoothing,
             epochs=config.epochs if config.pretrain_epochs is None else config.pretrain_epochs,
             lr=config.pretrain_lr, patience=config.patience, min_epochs=config.min_epochs, eval_k=config.eval_k,
-            device=config.device,
+            device=config.device, **batch,
             progress=config.progress, num_threads=config.num_threads, average_half_life=config.average_half_life,
         )
         fism.fit(data)
