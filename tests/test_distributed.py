@@ -40,22 +40,24 @@ from acfrec.train.distributed import (
 
 WORLD_SIZE = 2
 FISM = {"dim": 16, "epochs": 6, "lr": 0.01, "patience": 0, "seed": 3}
-# Every torch model; ACF without item attention also covers parameters outside the loss.
+# Every torch model, as worker name -> (registered model, options); ACF without item attention
+# also covers parameters outside the loss.
 WORKER_MODELS = {
-    "bpr-mf": {"dim": 8, "epochs": 3, "lr": 0.01, "seed": 3},
-    "fism": FISM,
-    "svdpp": {"dim": 8, "epochs": 2, "seed": 3},
-    "acf": {"dim": 8, "attention_dim": 4, "epochs": 2, "seed": 3},
-    "acf-no-item-attention": {"dim": 8, "attention_dim": 4, "epochs": 2, "seed": 3, "item_attention": False},
+    "bpr-mf": ("bpr-mf", {"dim": 8, "epochs": 3, "lr": 0.01, "seed": 3}),
+    "fism": ("fism", FISM),
+    "svdpp": ("svdpp", {"dim": 8, "epochs": 2, "seed": 3}),
+    "acf": ("acf", {"dim": 8, "attention_dim": 4, "epochs": 2, "seed": 3}),
+    "acf-no-item-attention": ("acf", {"dim": 8, "attention_dim": 4, "epochs": 2, "seed": 3, "item_attention": False}),
     # the weight average is kept by every rank and must agree across them
-    "bpr-mf-averaged": {"dim": 8, "epochs": 3, "lr": 0.01, "seed": 3, "average_half_life": 0.5},
+    "bpr-mf-averaged": ("bpr-mf", {"dim": 8, "epochs": 3, "lr": 0.01, "seed": 3, "average_half_life": 0.5}),
 }
 RESUME = {"dim": 8, "lr": 0.01, "seed": 5, "patience": 0}
 
 
 def _model(name: str, **options):
-    options = {**WORKER_MODELS.get(name, {}), "progress": False, **options}
-    return get_model(name.removesuffix("-no-item-attention").removesuffix("-averaged"))(**options)
+    """Worker model ``name`` (WORKER_MODELS) with ``options`` on top of its own."""
+    registered, defaults = WORKER_MODELS[name]
+    return get_model(registered)(**{**defaults, "progress": False, **options})
 
 
 def _worker(rank: int, port: int, split_dir: str, out: str) -> None:
