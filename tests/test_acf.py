@@ -558,27 +558,27 @@ def test_components_path_and_missing_content(planted, caplog):
 def test_fism_pretraining_starts_acf_at_fism(planted):
     _, split, _, aligned = planted
     stage = dict(progress=False, seed=0, dim=32, patience=0, max_history=100)
-    fism = get_model("fism")(epochs=3, **{k: v for k, v in stage.items() if k != "max_history"}).fit(split)
+    fism_options = {k: v for k, v in stage.items() if k != "max_history"}
+
+    def fism_and_start(fism_extra: dict, acf_extra: dict) -> tuple:
+        """A 3-epoch FISM and an ACF that stops right after its 3-epoch FISM stage."""
+        fism = get_model("fism")(epochs=3, **fism_options, **fism_extra).fit(split)
+        start = ACF(components=aligned, epochs=0, pretrain="fism", pretrain_epochs=3, **stage, **acf_extra).fit(split)
+        return fism, start
+
+    fism, start = fism_and_start({}, {})
     # no ACF epoch: u = 0 and uniform attention pool p exactly as FISM does (alpha = smoothing)
-    start = ACF(components=aligned, epochs=0, pretrain="fism", pretrain_epochs=3, **stage).fit(split)
     users = np.arange(split.n_users)
     torch.testing.assert_close(start.score_all(users), fism.score_all(users), rtol=0, atol=1e-6)
     assert not start.module.user.weight.any()
     again = ACF(components=aligned, epochs=0, pretrain="fism", pretrain_epochs=3, **stage).fit(split)
     torch.testing.assert_close(again.score_all(users), start.score_all(users), rtol=0, atol=0)
-    # the FISM stage keeps the same weight average as ACF
-    averaged = {**stage, "average_half_life": 1.0}
-    fism_averaged = get_model("fism")(epochs=3, **{k: v for k, v in averaged.items() if k != "max_history"}).fit(split)
-    start_averaged = ACF(components=aligned, epochs=0, pretrain="fism", pretrain_epochs=3, **averaged).fit(split)
+    # the FISM stage keeps the same weight average as ACF ...
+    fism_averaged, start_averaged = fism_and_start({"average_half_life": 1.0}, {"average_half_life": 1.0})
     torch.testing.assert_close(start_averaged.score_all(users), fism_averaged.score_all(users), rtol=0, atol=1e-6)
     assert not torch.allclose(fism_averaged.score_all(users), fism.score_all(users))
     # ... and trains at the batch size it is given (FISM's own by default)
-    fism_small_batches = get_model("fism")(
-        epochs=3, batch_size=256, **{k: v for k, v in stage.items() if k != "max_history"}
-    ).fit(split)
-    start_small_batches = ACF(
-        components=aligned, epochs=0, pretrain="fism", pretrain_epochs=3, pretrain_batch_size=256, **stage
-    ).fit(split)
+    fism_small_batches, start_small_batches = fism_and_start({"batch_size": 256}, {"pretrain_batch_size": 256})
     torch.testing.assert_close(start_small_batches.score_all(users), fism_small_batches.score_all(users), rtol=0, atol=1e-6)
     assert not torch.allclose(fism_small_batches.score_all(users), fism.score_all(users))
     with pytest.raises(ValueError, match="pretrain_batch_size must be None"):

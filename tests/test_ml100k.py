@@ -68,4 +68,3 @@ def test_acf_of_the_packaged_config_starts_from_its_fism_and_does_not_fall_below
     assert start["epoch"] == 0 and start["valid_ndcg"] == pytest.approx(max(e["valid_ndcg"] for e in fism.history), abs=1e-6)
     scores = {name: evaluate(model, split, protocols=("full",), ks=(10,)).metrics["full"] for name, model in (("fism", fism), ("acf", acf))}
     assert scores["acf"]["NDCG@10"] >= scores["fism"]["NDCG@10"] - 1e-9, scores
-
